@@ -1,0 +1,104 @@
+"""MiniGPT-4 configuration.
+
+MiniGPT-4 (Zhu et al., 2023) = frozen EVA-CLIP ViT-g/14 -> `ln_vision` -> frozen BLIP-2 Q-Former (32 learned queries)
+-> one trained Linear (`llama_proj` in the original) -> 32 soft tokens spliced into a frozen Vicuna prompt.
+
+The vision and Q-Former parts reuse transformers' BLIP-2 configurations (`Blip2VisionConfig`, `Blip2QFormerConfig`),
+so that BLIP-2 weights map onto them one to one. The defaults describe MiniGPT-4 with Vicuna-7B v0.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig, Blip2VisionConfig
+
+
+# The prompt pieces of the original, shared by the processor, the chat template and the training presets.
+DEFAULT_IMAGE_TOKEN = "<ImageHere>"
+# `CONV_VISION_Vicuna0.system` of the original conversation template.
+DEFAULT_SYSTEM_PROMPT = (
+    "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it to you. "
+    "Please answer my questions."
+)
+# LLaMA's tokenizer writes the turn separator "###" as `[835]` ("▁###") or `[2277, 29937]` ("##" + "#").
+LLAMA_STOP_TOKEN_IDS = [[835], [2277, 29937]]
+MINIGPT4_AUTO_MAP = {
+    "AutoConfig": "configuration_minigpt4.MiniGPT4Config",
+    "AutoModel": "modeling_minigpt4.MiniGPT4ForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_minigpt4.MiniGPT4ForConditionalGeneration",
+}
+
+
+@strict
+class MiniGPT4Config(PreTrainedConfig):
+    r"""
+    Configuration of [`MiniGPT4ForConditionalGeneration`].
+
+    Args:
+        vision_config (`dict` or `Blip2VisionConfig`, *optional*):
+            The EVA ViT-g/14 (defaults: 224 px, patch 14, 39 layers, width 1408, 16 heads, MLP 6144, eps 1e-6,
+            q/v bias).
+        qformer_config (`dict` or `Blip2QFormerConfig`, *optional*):
+            The BLIP-2 Q-Former (BERT-base, cross-attention every 2nd layer). Its `encoder_hidden_size` is always set
+            to the vision width.
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Any decoder-only language model config; LLaMA-7B by default.
+        num_query_tokens (`int`, defaults to 32):
+            Number of learned queries, i.e. soft tokens one image becomes in the language model's input.
+        image_token_id (`int`, defaults to 32000):
+            Id of the image placeholder token in `input_ids`. By default it lies just past the LLaMA vocabulary, so the
+            language model's embedding table stays untouched (the id never reaches the embedding lookup).
+        vision_layernorm_eps (`float`, defaults to 1e-5):
+            Epsilon of the LayerNorm after the ViT (`ln_vision` in the original, which used PyTorch's default 1e-5;
+            transformers' BLIP-2 uses the ViT's 1e-6 there).
+        stop_token_ids (`list[list[int]]`, *optional*):
+            Token-id sequences that end an assistant turn; generation stops each row on its own when it produces one.
+            Defaults to LLaMA's two spellings of `###`: `[[835], [2277, 29937]]`.
+        freeze_vision_model (`bool`, defaults to `True`):
+            Keep the ViT (and `ln_vision`) frozen and in eval mode, as in the original.
+        freeze_qformer (`bool`, defaults to `True`):
+            Keep the Q-Former and its query tokens frozen and in eval mode.
+        freeze_language_model (`bool`, defaults to `True`):
+            Keep the language model frozen and in eval mode (LoRA adapters added on top still train).
+        initializer_range (`float`, defaults to 0.02):
+            Std of the normal initialisation of the query tokens and the projection.
+    """
+
+    model_type = "minigpt4"
+    sub_configs_defaults = {
+        "vision_config": Blip2VisionConfig,
+        "qformer_config": Blip2QFormerConfig,
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    num_query_tokens: int = 32
+    image_token_id: int = 32000
+    vision_layernorm_eps: float = 1e-5
+    stop_token_ids: list | None = None
+    freeze_vision_model: bool = True
+    freeze_qformer: bool = True
+    freeze_language_model: bool = True
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # The Q-Former cross-attends to the ViT output, whatever the Q-Former config said.
+        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        if self.stop_token_ids is None:
+            self.stop_token_ids = [list(ids) for ids in LLAMA_STOP_TOKEN_IDS]
+        self.stop_token_ids = [[int(i) for i in ids] for ids in self.stop_token_ids]
+        if any(len(ids) == 0 for ids in self.stop_token_ids):
+            raise ValueError(f"`stop_token_ids` must hold non-empty id lists, got {self.stop_token_ids}.")
+        # Saved folders load with the Auto classes as remote code (`trust_remote_code=True`).
+        auto_map = dict(getattr(self, "auto_map", None) or {})
+        for auto_class, target in MINIGPT4_AUTO_MAP.items():
+            auto_map.setdefault(auto_class, target)
+        self.auto_map = auto_map
+
+
+__all__ = ["MiniGPT4Config", "DEFAULT_IMAGE_TOKEN", "DEFAULT_SYSTEM_PROMPT", "LLAMA_STOP_TOKEN_IDS"]
+
+MiniGPT4Config.register_for_auto_class()

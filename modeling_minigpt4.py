@@ -1,0 +1,379 @@
+"""MiniGPT-4 as a transformers model.
+
+Data path: pixels -> `vision_model` (EVA ViT-g/14 + `ln_vision`) -> `qformer` (learned `query_tokens` cross-attending
+to the image) -> `language_projection` (`llama_proj` in the original) -> image features, which replace the image
+placeholder tokens of the prompt -> `language_model` (Vicuna / LLaMA).
+
+Parameter names follow transformers' BLIP-2 (`vision_model.*`, `query_tokens`, `qformer.*`, `language_projection.*`,
+`language_model.*`), so BLIP-2 weights load one to one.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.generation.stopping_criteria import StoppingCriteria
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionEmbeddings, Blip2VisionModel
+from transformers.utils.deprecation import deprecate_kwarg
+
+
+try:
+    from .configuration_minigpt4 import MiniGPT4Config
+except ImportError:  # imported as a top-level module (pip install .) rather than as Hub remote code
+    from configuration_minigpt4 import MiniGPT4Config
+
+
+@dataclass
+class MiniGPT4ImageFeaturesOutput(BaseModelOutputWithPooling):
+    r"""
+    Output of [`MiniGPT4ForConditionalGeneration.get_image_features`].
+
+    last_hidden_state (`torch.FloatTensor` of shape `(num_images, num_patches + 1, vision_hidden_size)`):
+        ViT output after `ln_vision` (what the Q-Former cross-attends to).
+    pooler_output (`torch.FloatTensor` of shape `(num_images, num_query_tokens, text_hidden_size)`):
+        Projected image features, the soft tokens that replace the image placeholders.
+    qformer_last_hidden_state (`torch.FloatTensor` of shape `(num_images, num_query_tokens, qformer_hidden_size)`):
+        Q-Former output before the projection.
+    """
+
+    qformer_last_hidden_state: torch.FloatTensor | None = None
+
+
+@dataclass
+class MiniGPT4CausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, returned when `labels` is given):
+        Next-token cross-entropy over the positions whose label is not -100.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        Language-model scores.
+    cache (`Cache`, returned when `use_cache=True`):
+        The language model's key/value cache (also reachable as `past_key_values`).
+    hidden_states, attentions:
+        The language model's, when requested.
+    image_features (`torch.FloatTensor` of shape `(num_images, num_query_tokens, text_hidden_size)`):
+        The projected image features spliced into the prompt, when images were given.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_features: torch.FloatTensor | None = None
+
+    @property
+    def past_key_values(self) -> Cache | None:
+        return self.cache
+
+
+class StopOnTokenSequences(StoppingCriteria):
+    """Marks a row finished once it ends with any of the given token-id sequences (per row, vectorised)."""
+
+    def __init__(self, stop_token_ids: list[list[int]]):
+        self.stop_token_ids = [list(ids) for ids in stop_token_ids]
+        self._stop_tensors: dict[torch.device, list[torch.Tensor]] = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        stops = self._stop_tensors.get(input_ids.device)
+        if stops is None:
+            stops = [torch.tensor(ids, device=input_ids.device) for ids in self.stop_token_ids]
+            self._stop_tensors[input_ids.device] = stops
+        is_done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for stop in stops:
+            if input_ids.shape[1] >= stop.numel():
+                is_done |= (input_ids[:, -stop.numel() :] == stop).all(dim=-1)
+        return is_done
+
+
+class MiniGPT4PreTrainedModel(PreTrainedModel):
+    config_class = MiniGPT4Config
+    config: MiniGPT4Config
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _supports_flash_attn = False  # the Q-Former has no flash-attention path
+    _can_compile_fullgraph = False
+    _no_split_modules = ["Blip2EncoderLayer", "Blip2QFormerLayer", "Blip2VisionEmbeddings"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    _keep_in_fp32_modules = ["query_tokens", "qformer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, MiniGPT4ForConditionalGeneration):
+            init.normal_(module.query_tokens, mean=0.0, std=std)
+        elif isinstance(module, Blip2VisionEmbeddings):
+            init.trunc_normal_(module.position_embedding, mean=0.0, std=std)
+            init.trunc_normal_(module.class_embedding, mean=0.0, std=std)
+
+
+class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin):
+    """MiniGPT-4: BLIP-2's frozen ViT and Q-Former, a trained linear projection and a frozen causal language model."""
+
+    def __init__(self, config: MiniGPT4Config):
+        super().__init__(config)
+        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        # `ln_vision` of the original is the ViT's post-layernorm; its eps differs from the ViT blocks' (see config).
+        self.vision_model.post_layernorm.eps = config.vision_layernorm_eps
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+        # `llama_proj` in the original.
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+        self.apply_freezing()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Freezing: what the original trained, and frozen parts staying in eval mode.
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The submodules that the config keeps frozen (and in eval mode, dropout off)."""
+        frozen = []
+        if self.config.freeze_vision_model:
+            frozen.append(self.vision_model)
+        if self.config.freeze_qformer:
+            frozen.append(self.qformer)
+        if self.config.freeze_language_model:
+            frozen.append(self.language_model)
+        return frozen
+
+    def apply_freezing(self) -> None:
+        """Sets `requires_grad` from the config: by default only `language_projection` trains."""
+        self.vision_model.requires_grad_(not self.config.freeze_vision_model)
+        self.qformer.requires_grad_(not self.config.freeze_qformer)
+        self.query_tokens.requires_grad_(not self.config.freeze_qformer)
+        self.language_model.requires_grad_(not self.config.freeze_language_model)
+        self.language_projection.requires_grad_(True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # Loading re-creates the parameters (all trainable); restore the configured freezing.
+        model.apply_freezing()
+        return model
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Embedding accessors (resize_token_embeddings, PEFT, input-grad hooks go through these).
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The data path.
+
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, return_dict: bool = False, **kwargs
+    ) -> torch.FloatTensor | MiniGPT4ImageFeaturesOutput:
+        """
+        Encodes images into the language model's input space.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, 3, image_size, image_size)`):
+                Normalised images (any float dtype; they are cast to the vision model's dtype).
+            return_dict (`bool`, defaults to `False`):
+                Return a [`MiniGPT4ImageFeaturesOutput`] (with the intermediate outputs) instead of the tensor.
+
+        Returns:
+            `torch.FloatTensor` of shape `(num_images, num_query_tokens, text_hidden_size)`: the projected features.
+        """
+        # The frozen parts before the projection need no autograd graph (unless a caller wants pixel gradients).
+        track_vision = _requires_grad(self.vision_model) or pixel_values.requires_grad
+        track_qformer = track_vision or _requires_grad(self.qformer) or self.query_tokens.requires_grad
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and track_vision):
+            image_embeds = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+        with torch.set_grad_enabled(torch.is_grad_enabled() and track_qformer):
+            image_attention_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+            query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+            query_output = self.qformer(
+                query_embeds=query_tokens,
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_attention_mask,
+                return_dict=True,
+            ).last_hidden_state
+        image_features = self.language_projection(query_output.to(self.language_projection.weight.dtype))
+
+        if not return_dict:
+            return image_features
+        return MiniGPT4ImageFeaturesOutput(
+            last_hidden_state=image_embeds, pooler_output=image_features, qformer_last_hidden_state=query_output
+        )
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.FloatTensor, image_features: torch.FloatTensor
+    ) -> torch.BoolTensor:
+        """
+        Finds the image placeholder positions and checks that they fit the images.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`)
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, text_hidden_size)`)
+            image_features (`torch.FloatTensor` of shape `(num_images, num_query_tokens, text_hidden_size)`)
+
+        Returns:
+            `torch.BoolTensor` of shape `(batch_size, sequence_length, 1)`, broadcastable to `inputs_embeds`.
+        """
+        image_mask = input_ids == self.config.image_token_id
+        num_image_tokens = int(image_mask.sum())
+        num_images, num_query_tokens = image_features.shape[:2]
+        if num_image_tokens != num_images * num_query_tokens:
+            raise ValueError(
+                f"The input has {num_image_tokens} image tokens (id {self.config.image_token_id}), i.e. "
+                f"{num_image_tokens / num_query_tokens:g} image(s) of {num_query_tokens} tokens, but {num_images} "
+                "image(s) were given. Build the inputs with MiniGPT4Processor, one <ImageHere> per image."
+            )
+        return image_mask.unsqueeze(-1).to(inputs_embeds.device)
+
+    def embed_tokens(self, input_ids: torch.LongTensor) -> torch.FloatTensor:
+        """Embeds `input_ids`; image placeholders (outside the vocabulary) get a dummy row that is overwritten."""
+        if input_ids.shape[1] > 1 or self.config.image_token_id < self.get_input_embeddings().num_embeddings:
+            input_ids = input_ids.masked_fill(input_ids == self.config.image_token_id, 0)
+        return self.get_input_embeddings()(input_ids)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> MiniGPT4CausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Prompt ids in which each image is a run of `num_query_tokens` ids equal to `config.image_token_id`
+                (as [`MiniGPT4Processor`] builds them).
+            pixel_values (`torch.FloatTensor` of shape `(num_images, 3, image_size, image_size)`, *optional*):
+                The images, in the order their placeholders appear (row by row, left to right).
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Unshifted targets, -100 where no loss is taken (prompt, image tokens, padding).
+            mm_encoder_outputs (`dict`, *optional*):
+                `{"image": get_image_features(..., return_dict=True)}`, pre-computed (used by `generate`).
+
+        Returns:
+            [`MiniGPT4CausalLMOutputWithPast`].
+        """
+        kwargs.pop("return_dict", None)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if pixel_values is not None and mm_encoder_outputs:
+            raise ValueError("Pass either `pixel_values` or `mm_encoder_outputs`, not both.")
+
+        image_features = None
+        if mm_encoder_outputs and mm_encoder_outputs.get("image") is not None:
+            image_features = mm_encoder_outputs["image"].pooler_output
+        elif pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+
+        sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if sequence_length > 1:
+            self._check_context_length(sequence_length, cache)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+            if image_features is not None:
+                image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+                image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+                inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
+            elif sequence_length > 1 and bool((input_ids == self.config.image_token_id).any()):
+                num_image_tokens = int((input_ids == self.config.image_token_id).sum())
+                raise ValueError(
+                    f"The input has {num_image_tokens} image tokens but 0 images were given: pass `pixel_values`."
+                )
+        elif image_features is not None:
+            raise ValueError("Images can only be spliced into `input_ids`; with `inputs_embeds`, splice them yourself.")
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = outputs.logits
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+
+        return MiniGPT4CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_features=image_features,
+        )
+
+    def _check_context_length(self, sequence_length: int, cache: Cache | None) -> None:
+        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if max_positions is not None and past_length + sequence_length > max_positions:
+            raise ValueError(
+                f"The input is {past_length + sequence_length} tokens long (image tokens included), more than the "
+                f"language model's context of {max_positions} tokens. Shorten the prompt or use fewer images."
+            )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Generation: the stock GenerationMixin.generate, plus per-row stopping at the end of the assistant turn.
+
+    def _get_stopping_criteria(self, *args, **kwargs):
+        criteria = super()._get_stopping_criteria(*args, **kwargs)
+        if self.config.stop_token_ids and not any(isinstance(c, StopOnTokenSequences) for c in criteria):
+            criteria.append(StopOnTokenSequences(self.config.stop_token_ids))
+        return criteria
+
+
+def _requires_grad(module: nn.Module) -> bool:
+    return any(parameter.requires_grad for parameter in module.parameters())
+
+
+__all__ = [
+    "MiniGPT4ForConditionalGeneration",
+    "MiniGPT4PreTrainedModel",
+    "MiniGPT4CausalLMOutputWithPast",
+    "MiniGPT4ImageFeaturesOutput",
+    "StopOnTokenSequences",
+]
+
+MiniGPT4ForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

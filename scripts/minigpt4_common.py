@@ -1,0 +1,89 @@
+"""What several scripts share: building small random MiniGPT-4 models and loading a model + processor by flags."""
+
+import os
+import sys
+from pathlib import Path
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # scripts run from a checkout without `pip install .` too
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from configuration_minigpt4 import MiniGPT4Config  # noqa: E402
+from modeling_minigpt4 import MiniGPT4ForConditionalGeneration  # noqa: E402
+from processing_minigpt4 import MiniGPT4Processor, stop_token_ids_for  # noqa: E402
+
+
+TINY_TOKENIZER_DIR = REPO_ROOT / "assets" / "tiny_tokenizer"
+EXAMPLE_IMAGE = REPO_ROOT / "assets" / "example.jpg"
+
+# Named sizes of random models (the real MiniGPT-4 sizes are MiniGPT4Config's defaults).
+MODEL_SIZES = {
+    # The sizes of tests/fixtures/original_tiny (56 px, 6 queries, LLaMA width 64).
+    "tiny": {
+        "vision_config": {"image_size": 56, "patch_size": 14, "hidden_size": 56, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "intermediate_size": 244},
+        "qformer_config": {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                           "intermediate_size": 192},
+        "text_config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+                        "rms_norm_eps": 1e-6},
+        "num_query_tokens": 6,
+    },
+    "small": {
+        "vision_config": {"image_size": 224, "patch_size": 14, "hidden_size": 384, "num_hidden_layers": 6,
+                          "num_attention_heads": 6, "intermediate_size": 1536},
+        "qformer_config": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                           "intermediate_size": 1024},
+        "text_config": {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
+                        "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 2048,
+                        "rms_norm_eps": 1e-6},
+        "num_query_tokens": 32,
+    },
+    # The real ViT-g + Q-Former shapes; a small LLaMA.
+    "vision-full": {
+        "vision_config": {},
+        "qformer_config": {},
+        "text_config": {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
+                        "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 2048,
+                        "rms_norm_eps": 1e-6},
+        "num_query_tokens": 32,
+    },
+}
+
+
+def build_random_model(size: str = "tiny", tokenizer_dir: str | os.PathLike = TINY_TOKENIZER_DIR, seed: int = 0,
+                       **config_overrides):
+    """
+    A randomly initialised MiniGPT-4 of a named size and its processor, around a LLaMA tokenizer.
+
+    The vocabulary, special-token ids, image token and stop sequences come from the tokenizer, so the pair behaves
+    like a converted checkpoint. Returns `(model, processor)`.
+    """
+    if size not in MODEL_SIZES:
+        raise ValueError(f"Unknown size {size!r}; choose one of {', '.join(MODEL_SIZES)}.")
+    sizes = MODEL_SIZES[size]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vision = dict(sizes["vision_config"])
+    image_size = vision.get("image_size", 224)
+    processor = MiniGPT4Processor.from_tokenizer(
+        tokenizer, image_size=image_size, num_query_tokens=sizes["num_query_tokens"]
+    )
+    text = dict(sizes["text_config"])
+    text.update(vocab_size=len(tokenizer) - 1, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = MiniGPT4Config(
+        vision_config=vision,
+        qformer_config=dict(sizes["qformer_config"]),
+        text_config=text,
+        num_query_tokens=sizes["num_query_tokens"],
+        image_token_id=processor.image_token_id,
+        stop_token_ids=stop_token_ids_for(tokenizer),
+        **config_overrides,
+    )
+    torch.manual_seed(seed)
+    model = MiniGPT4ForConditionalGeneration(config).eval()
+    return model, processor
