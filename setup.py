@@ -1,0 +1,39 @@
+from pathlib import Path
+
+from setuptools import setup
+
+
+setup(
+    name="minigpt4-hf",
+    version="0.1.0",
+    description="MiniGPT-4 as a Hugging Face transformers model: load, chat, fine-tune, convert, publish.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    python_requires=">=3.10",
+    py_modules=["configuration_minigpt4", "modeling_minigpt4", "processing_minigpt4"],
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.24,<6",
+        "tokenizers>=0.22",
+        "safetensors>=0.5",
+        "huggingface_hub>=1.0",
+        "peft>=0.17",
+        "datasets>=4.0",
+        "accelerate>=1.10",
+        "pillow>=10.0",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        # Converting original checkpoints whose tokenizer ships only as sentencepiece `tokenizer.model`.
+        "convert": ["sentencepiece>=0.2", "protobuf>=4"],
+        "demo": ["gradio>=5"],
+        "benchmark": ["matplotlib>=3.8"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "sentencepiece>=0.2",
+            "protobuf>=4",
+        ],
+    },
+)

@@ -1,0 +1,55 @@
+"""Shared test fixtures: tiny random MiniGPT-4 models built on the spot, the original-format fixture files."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ORIGINAL_TINY = REPO_ROOT / "tests" / "fixtures" / "original_tiny"
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+sys.path.insert(0, str(REPO_ROOT))
+# Remote-code modules that tests load go to a throwaway cache, never to ~/.cache.
+os.environ.setdefault("HF_MODULES_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "minigpt4-test-modules"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from minigpt4_common import EXAMPLE_IMAGE, build_random_model  # noqa: E402
+
+
+@pytest.fixture
+def tiny():
+    """A fresh tiny random `(model, processor)` (sizes of tests/fixtures/original_tiny), safe to modify."""
+    return build_random_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_shared():
+    """A tiny `(model, processor)` shared by the session: do not modify it."""
+    return build_random_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_saved_dir(tmp_path_factory, tiny_shared):
+    """A folder holding the shared tiny model and processor as `save_pretrained` writes them."""
+    model, processor = tiny_shared
+    folder = tmp_path_factory.mktemp("tiny_minigpt4")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def example_image():
+    return Image.open(EXAMPLE_IMAGE).convert("RGB")
+
+
+@pytest.fixture
+def chat_messages():
+    """One user turn with an image, as chat pipelines pass it."""
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}
+    ]
