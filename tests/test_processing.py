@@ -1,0 +1,297 @@
+"""MiniGPT4Processor: the original's pixels, token ids, prompts and labels, and clear errors on bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
+
+from configuration_minigpt4 import DEFAULT_SYSTEM_PROMPT
+from conftest import ORIGINAL_TINY
+from processing_minigpt4 import (
+    MiniGPT4Processor,
+    load_rgb_image,
+    sentencepiece_faithful_tokenizer,
+    stop_token_ids_for,
+    strip_turn_separator,
+)
+
+
+EXPECTED = json.loads((ORIGINAL_TINY / "expected" / "expected.json").read_text())
+NUM_QUERY_TOKENS = 6
+STAGE2_PROMPT = "###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: "
+
+
+def faithful_fixture_tokenizer():
+    """The fixture's own sentencepiece tokenizer.model, as the conversion turns it into a fast tokenizer."""
+    return sentencepiece_faithful_tokenizer(AutoTokenizer.from_pretrained(ORIGINAL_TINY / "weights" / "vicuna_tiny"))
+
+
+@pytest.fixture(scope="module")
+def original_processor():
+    return MiniGPT4Processor.from_tokenizer(
+        faithful_fixture_tokenizer(), image_size=56, num_query_tokens=NUM_QUERY_TOKENS
+    )
+
+
+def fixture_image(name):
+    return Image.open(ORIGINAL_TINY / "inputs" / f"{name}.png")
+
+
+def greedy_chat_records():
+    records = EXPECTED["chat"]["greedy"]
+    return records if isinstance(records, list) else list(records.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parity with the original
+
+
+def test_pixel_values_equal_the_original_eval_transform(original_processor):
+    recorded = torch.load(ORIGINAL_TINY / "inputs" / "pixel_values.pt", weights_only=True)
+    images = [fixture_image(name) for name in ("astronaut", "coffee", "chelsea")]
+    pixel_values = original_processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixel_values, recorded["pixel_values"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("probe", EXPECTED["tokenization_probes"], ids=lambda probe: repr(probe["text"]))
+def test_tokenizer_gives_the_original_slow_tokenizer_ids(probe):
+    # (Inside the processor "<ImageHere>" is a special token: the processor splits the text at it first.)
+    tokenizer = faithful_fixture_tokenizer()
+    assert tokenizer(probe["text"], add_special_tokens=False)["input_ids"] == probe["ids_no_special"]
+    assert tokenizer(probe["text"])["input_ids"] == probe["ids_with_special"]
+    assert tokenizer.decode(probe["ids_with_special"], skip_special_tokens=True) == probe["decode_skip_special"]
+
+
+@pytest.mark.parametrize("record", greedy_chat_records(), ids=lambda record: record["image"])
+def test_chat_template_renders_the_original_prompt(original_processor, record):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
+    assert original_processor.apply_chat_template(messages, add_generation_prompt=True) == record["prompt"]
+
+
+@pytest.mark.parametrize("record", greedy_chat_records(), ids=lambda record: record["image"])
+def test_chat_input_ids_equal_the_original_segment_ids(original_processor, record):
+    inputs = original_processor(images=fixture_image(record["image"]), text=record["prompt"])
+    first, second = record["segment_token_ids"]
+    image_run = [original_processor.image_token_id] * NUM_QUERY_TOKENS
+    assert inputs["input_ids"][0] == first + image_run + second
+
+
+@pytest.mark.parametrize("case", ["stage2", "stage2_two_prompts"])
+def test_training_labels_equal_the_original_targets(original_processor, case):
+    recorded = torch.load(ORIGINAL_TINY / "expected" / f"train_{case}.pt", weights_only=True)
+    info = EXPECTED[f"{case}_loss"]
+    prompts = info["prompt_used"] if isinstance(info["prompt_used"], list) else [info["prompt_used"]] * 2
+    answers = [answer + info["end_sym"] for answer in info["answers"]]
+    images = [fixture_image(name) for name in info["images"]]
+    inputs = original_processor(images=images, text=prompts, suffix=answers, max_txt_len=info["max_txt_len"],
+                                return_tensors="pt")
+    assert torch.equal(inputs["labels"], recorded[f"{case}_targets"])
+    assert torch.equal(inputs["attention_mask"], recorded[f"{case}_attention_mask"])
+
+
+def test_stage1_labels_truncate_the_caption_after_the_end_symbol(original_processor):
+    recorded = torch.load(ORIGINAL_TINY / "expected" / "train_stage1.pt", weights_only=True)
+    info = EXPECTED["stage1_loss"]
+    images = [fixture_image(name) for name in info["images"]]
+    inputs = original_processor(images=images, text=["<ImageHere>"] * 2, suffix=[a + "\n" for a in info["answers"]],
+                                max_txt_len=32, return_tensors="pt")
+    assert torch.equal(inputs["labels"], recorded["stage1_targets"])
+    assert torch.equal(inputs["attention_mask"], recorded["stage1_attention_mask"])
+
+
+def test_stop_sequences_include_the_original_spellings_of_the_turn_separator(original_processor):
+    stops = stop_token_ids_for(original_processor.tokenizer)
+    assert [280] in stops and [266, 938] in stops  # the tiny vocabulary's analogue of LLaMA's [835], [2277, 29937]
+    for stop in stops:
+        assert original_processor.tokenizer.decode(stop).strip() == "###"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts, labels, padding
+
+
+def test_multi_turn_chat_renders_every_finished_turn_then_the_open_one(tiny_shared):
+    _, processor = tiny_shared
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A man."}]},
+        {"role": "user", "content": "What is he doing?"},
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == (DEFAULT_SYSTEM_PROMPT + "###Human: <Img><ImageHere></Img> Describe this image in detail."
+                      "###Assistant: A man.###Human: What is he doing?###Assistant: ")
+
+
+def test_a_system_message_replaces_the_default_system_text(tiny_shared):
+    _, processor = tiny_shared
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == "Be brief.###Human: Hi###Assistant: "
+
+
+def test_images_inside_chat_messages_are_processed(tiny_shared, example_image):
+    _, processor = tiny_shared
+    messages = [{"role": "user", "content": [{"type": "image", "image": example_image},
+                                             {"type": "text", "text": "What is it?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 56, 56)
+    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == NUM_QUERY_TOKENS
+    assert inputs["input_ids"][0, 0] == processor.tokenizer.bos_token_id
+
+
+def test_suffix_labels_mask_bos_prompt_image_tokens_and_padding(tiny_shared, example_image):
+    _, processor = tiny_shared
+    inputs = processor(images=[example_image] * 2, text=[STAGE2_PROMPT, "<ImageHere>"],
+                       suffix=["A long answer about the picture.###", "Short.###"], return_tensors="pt")
+    labels, ids, mask = inputs["labels"], inputs["input_ids"], inputs["attention_mask"]
+    for row, suffix in enumerate(["A long answer about the picture.###", "Short.###"]):
+        suffix_ids = processor.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        length = int(mask[row].sum())
+        assert mask[row, :length].all() and not mask[row, length:].any(), "training batches are right padded"
+        assert labels[row, length - len(suffix_ids):length].tolist() == suffix_ids
+        assert (labels[row, : length - len(suffix_ids)] == -100).all()
+        assert (labels[row, length:] == -100).all()
+        assert ids[row, 0] == processor.tokenizer.bos_token_id
+
+
+def test_suffix_is_cut_to_max_txt_len_tokens(tiny_shared, example_image):
+    _, processor = tiny_shared
+    inputs = processor(images=[example_image], text=["<ImageHere>"], suffix=["word " * 100], max_txt_len=7)
+    assert sum(label != -100 for label in inputs["labels"][0]) == 7
+
+
+def test_generation_batches_are_left_padded_by_default(tiny_shared, example_image):
+    _, processor = tiny_shared
+    inputs = processor(images=[example_image] * 2, text=["<ImageHere> Hi", "<ImageHere> A much longer question?"],
+                       return_tensors="pt")
+    assert inputs["attention_mask"][0, 0] == 0 and inputs["attention_mask"][0, -1] == 1
+    assert (inputs["input_ids"][0][inputs["attention_mask"][0] == 0] == processor.tokenizer.pad_token_id).all()
+
+
+def test_generic_callers_extra_modality_keywords_are_tolerated(tiny_shared, example_image):
+    _, processor = tiny_shared
+    inputs = processor(text=["<ImageHere> Hi"], images=[example_image], videos=[], audios=[], padding=True,
+                       padding_side="left", return_tensors="pt")
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
+
+
+def test_the_saved_tokenizer_loads_alone_with_auto_tokenizer(tiny_saved_dir, tiny_shared):
+    _, processor = tiny_shared
+    tokenizer = AutoTokenizer.from_pretrained(tiny_saved_dir, trust_remote_code=True)
+    text = "###Human: <Img>"
+    assert tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
+    assert tokenizer.convert_tokens_to_ids("<ImageHere>") == processor.image_token_id
+
+
+def test_processor_round_trips_through_save_pretrained(tiny_shared, tiny_saved_dir, example_image):
+    _, processor = tiny_shared
+    reloaded = MiniGPT4Processor.from_pretrained(tiny_saved_dir)
+    assert (reloaded.num_query_tokens, reloaded.image_token_id) == (NUM_QUERY_TOKENS, processor.image_token_id)
+    text = processor.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
+    assert reloaded.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True) == text
+    a = processor(images=example_image, text="<ImageHere> x", return_tensors="pt")
+    b = reloaded(images=example_image, text="<ImageHere> x", return_tensors="pt")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def test_decode_answers_strips_the_prompt_and_the_turn_separator(tiny_shared):
+    _, processor = tiny_shared
+    prompt = processor.tokenizer("###Human: Hi###Assistant: ")["input_ids"]
+    answer = processor.tokenizer("A man on a horse.###Human: more", add_special_tokens=False)["input_ids"]
+    assert processor.decode_answers([prompt + answer], prompt_length=len(prompt)) == ["A man on a horse."]
+
+
+def test_post_processing_drops_the_trailing_turn_separator():
+    assert strip_turn_separator("A man.###") == "A man."
+    assert strip_turn_separator("no separator") == "no separator"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "LA", "I;16"])
+def test_images_of_any_mode_become_rgb(mode):
+    image = Image.new(mode, (5, 4))
+    converted = load_rgb_image(image)
+    assert converted.mode == "RGB" and converted.size == (5, 4)
+
+
+def test_alpha_is_dropped_not_composited_like_the_original():
+    image = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
+    assert load_rgb_image(image).getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    image = Image.fromarray(np.full((2, 2), 32768, dtype=np.uint16))
+    assert load_rgb_image(image).getpixel((0, 0)) == (128, 128, 128)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3000, 20)])
+def test_tiny_and_odd_sized_images_are_resized_to_the_model_size(tiny_shared, size):
+    _, processor = tiny_shared
+    inputs = processor(images=Image.new("RGB", size), text="<ImageHere>", return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 56, 56)
+
+
+def test_a_file_that_is_not_an_image_raises_naming_it(tiny_shared, tmp_path):
+    _, processor = tiny_shared
+    bogus = tmp_path / "notes.jpg"
+    bogus.write_text("not an image")
+    with pytest.raises(ValueError, match="notes.jpg"):
+        processor(images=str(bogus), text="<ImageHere>")
+
+
+def test_a_missing_image_file_raises_naming_it(tiny_shared, tmp_path):
+    _, processor = tiny_shared
+    with pytest.raises(ValueError, match="not found.*missing.png"):
+        processor(images=str(tmp_path / "missing.png"), text="<ImageHere>")
+
+
+def test_images_without_placeholders_raise(tiny_shared, example_image):
+    _, processor = tiny_shared
+    with pytest.raises(ValueError, match="0 '<ImageHere>' placeholder.*1 image"):
+        processor(images=example_image, text="Describe the picture.")
+
+
+def test_more_placeholders_than_images_raise(tiny_shared, example_image):
+    _, processor = tiny_shared
+    with pytest.raises(ValueError, match="2 '<ImageHere>' placeholder.*1 image"):
+        processor(images=[example_image], text="<ImageHere> and <ImageHere>")
+
+
+def test_placeholders_without_images_raise(tiny_shared):
+    _, processor = tiny_shared
+    with pytest.raises(ValueError, match="1 '<ImageHere>' placeholder.*0 image"):
+        processor(text="<ImageHere> what?")
+
+
+def test_text_is_required(tiny_shared, example_image):
+    _, processor = tiny_shared
+    with pytest.raises(ValueError, match="apply_chat_template"):
+        processor(images=example_image)
+
+
+def test_per_text_image_lists_must_match_each_text(tiny_shared, example_image):
+    _, processor = tiny_shared
+    with pytest.raises(ValueError, match="Text 1 has 1 .* 0 image"):
+        processor(images=[[example_image], []], text=["<ImageHere>", "<ImageHere>"])
+
+
+def test_a_prompt_longer_than_max_length_raises_instead_of_cutting_image_tokens(tiny_shared, example_image):
+    _, processor = tiny_shared
+    with pytest.raises(ValueError, match="more than max_length=5"):
+        processor(images=example_image, text="<ImageHere> hello there", max_length=5)
+
+
+def test_text_without_images_needs_no_pixels(tiny_shared):
+    _, processor = tiny_shared
+    inputs = processor(text="Hello", return_tensors="pt")
+    assert "pixel_values" not in inputs
