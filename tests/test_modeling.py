@@ -342,3 +342,21 @@ class TestPerRowStop:
         assert out[0, : start + 1].tolist() == free[0, : start + 1].tolist()
         assert (out[0, start + 1 :] == 0).all()
         assert out[1].tolist() == free[1].tolist()
+
+
+def test_streaming_yields_the_generated_answer(tiny_shared, example_image):
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    model, processor = tiny_shared
+    inputs = chat_inputs(processor, [example_image])
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    thread = Thread(target=model.generate, kwargs={**inputs, "max_new_tokens": 8, "do_sample": False,
+                                                    "streamer": streamer})
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    expected = processor.tokenizer.decode(new_tokens(generated, inputs)[0], skip_special_tokens=True)
+    assert streamed == expected
