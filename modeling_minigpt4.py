@@ -251,8 +251,13 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         return image_mask.unsqueeze(-1).to(inputs_embeds.device)
 
     def embed_tokens(self, input_ids: torch.LongTensor) -> torch.FloatTensor:
-        """Embeds `input_ids`; image placeholders (outside the vocabulary) get a dummy row that is overwritten."""
-        if input_ids.shape[1] > 1 or self.config.image_token_id < self.get_input_embeddings().num_embeddings:
+        """
+        Embeds `input_ids` (batch_size, sequence_length) -> (batch_size, sequence_length, text_hidden_size).
+
+        Image placeholders lie outside the vocabulary: they look up row 0, which the image features then overwrite.
+        Single-token decode steps never hold a placeholder and skip that work.
+        """
+        if input_ids.shape[1] > 1 and self.config.image_token_id >= self.get_input_embeddings().num_embeddings:
             input_ids = input_ids.masked_fill(input_ids == self.config.image_token_id, 0)
         return self.get_input_embeddings()(input_ids)
 
