@@ -200,6 +200,13 @@ class MiniGPT4Processor(ProcessorMixin):
         """Builds the processor around a tokenizer, with the original eval image transform at `image_size`."""
         return cls(minigpt4_image_processor(image_size), tokenizer, num_query_tokens=num_query_tokens, **kwargs)
 
+    @classmethod
+    def _load_tokenizer_from_pretrained(cls, sub_processor_type, pretrained_model_name_or_path, subfolder="", **kwargs):
+        # The tokenizer is a plain `tokenizer.json`: load it directly, without resolving the folder's (remote-code)
+        # model config, which would otherwise ask whether to trust that code.
+        kwargs.pop("trust_remote_code", None)
+        return PreTrainedTokenizerFast.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
     # ----------------------------------------------------------------------------------------------------------------
 
     def __call__(

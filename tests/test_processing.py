@@ -186,6 +186,16 @@ def test_the_saved_tokenizer_loads_alone_with_auto_tokenizer(tiny_saved_dir, tin
     assert tokenizer.convert_tokens_to_ids("<ImageHere>") == processor.image_token_id
 
 
+def test_loading_the_processor_never_asks_to_trust_the_model_code(tiny_saved_dir, monkeypatch):
+    import transformers.models.auto.configuration_auto as configuration_auto
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the processor resolved the remote-code model config")
+
+    monkeypatch.setattr(configuration_auto, "resolve_trust_remote_code", refuse)
+    assert MiniGPT4Processor.from_pretrained(tiny_saved_dir).image_token_id == 1000
+
+
 def test_processor_round_trips_through_save_pretrained(tiny_shared, tiny_saved_dir, example_image):
     _, processor = tiny_shared
     reloaded = MiniGPT4Processor.from_pretrained(tiny_saved_dir)
