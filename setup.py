@@ -25,15 +25,22 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        # Converting original checkpoints whose tokenizer ships only as sentencepiece `tokenizer.model`.
-        "convert": ["sentencepiece>=0.2", "protobuf>=4"],
-        "demo": ["gradio>=5"],
+        # Converting original checkpoints whose tokenizer ships only as sentencepiece `tokenizer.model`;
+        # jinja2 renders the model card (huggingface_hub's ModelCard.from_template).
+        "convert": ["sentencepiece>=0.2", "protobuf>=4", "jinja2>=3.1"],
+        # scripts/demo.py (Gradio 6 chat messages). gradio 6 pins pillow<13.
+        "demo": ["gradio>=6,<7"],
+        # --load-in-8bit / --load-in-4bit of scripts/chat.py, caption.py, demo.py (NVIDIA GPU with CUDA).
+        "quantization": ["bitsandbytes>=0.45"],
         "benchmark": ["matplotlib>=3.8"],
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",
             "sentencepiece>=0.2",
             "protobuf>=4",
+            # tests/test_demo.py drives the demo in Debian's chromium (apt-get install chromium).
+            "gradio>=6,<7",
+            "playwright>=1.40",
         ],
     },
 )

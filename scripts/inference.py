@@ -1,0 +1,553 @@
+"""
+What chat.py, caption.py and demo.py share: loading a model and processor from flags, generation flags with the
+original chat's defaults, and `Conversation`, the original `Chat` on top of `generate()` and the chat template.
+
+Scripts import it as `from inference import ...` (scripts/ is on `sys.path` when a script runs).
+"""
+
+import argparse
+import contextlib
+import logging
+import sys
+import threading
+from collections.abc import Callable, Iterator
+
+from minigpt4_common import REPO_ROOT  # noqa: F401  (puts the repo root on sys.path)
+
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    BitsAndBytesConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+    set_seed,
+)
+
+from modeling_minigpt4 import MiniGPT4ForConditionalGeneration  # noqa: E402
+from processing_minigpt4 import TURN_SEPARATOR, MiniGPT4Processor, load_rgb_image  # noqa: E402
+
+
+# The original `Chat.answer` kept prompt + answer within 2,000 tokens (`max_length=2000`).
+ORIGINAL_CONTEXT_BUDGET = 2000
+# `Chat.answer` defaults of the original (@22d8888): always sampling, nucleus 0.9, one beam.
+CHAT_GENERATION_DEFAULTS = {
+    "do_sample": True,
+    "top_p": 0.9,
+    "temperature": 1.0,
+    "max_new_tokens": 300,
+    "num_beams": 1,
+    "repetition_penalty": 1.0,
+}
+# Parts kept out of 8-/4-bit quantisation: everything but the language model's linear layers (its output layer too,
+# as bitsandbytes does by default for causal LMs).
+QUANTIZATION_SKIP_MODULES = ["vision_model", "qformer", "query_tokens", "language_projection", "lm_head"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UserError(Exception):
+    """A problem with the user's input or machine: the scripts print the message (no traceback) and exit 2."""
+
+
+def run_main(main: Callable[[], int | None], prog: str) -> None:
+    """Runs a script's `main`, turning `UserError` into `prog: error: MESSAGE` on stderr and exit status 2."""
+    try:
+        status = main()
+    except UserError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(status or 0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Flags.
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model`, `--dtype`, `--device`, `--device-map`, `--load-in-8bit` / `--load-in-4bit`."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, help="A saved MiniGPT-4 folder or Hub repo id.")
+    group.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="Weights' dtype. auto: the checkpoint's dtype on a GPU, float32 on the CPU, float16 with 8-/4-bit.",
+    )
+    group.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps ... (default: cuda if present, else cpu)")
+    group.add_argument(
+        "--device-map",
+        default=None,
+        help="Spread the model over devices with accelerate, e.g. 'auto' (several GPUs, or GPU + CPU).",
+    )
+    quantization = group.add_mutually_exclusive_group()
+    quantization.add_argument(
+        "--load-in-8bit", action="store_true", help="LLM.int8 language model (bitsandbytes, CUDA only)."
+    )
+    quantization.add_argument(
+        "--load-in-4bit", action="store_true", help="NF4 language model (bitsandbytes, CUDA only)."
+    )
+
+
+def add_generation_arguments(
+    parser: argparse.ArgumentParser, sample_by_default: bool = True, max_new_tokens: int = 300
+) -> None:
+    """
+    Generation flags with the original chat's defaults. With `sample_by_default` the flag `--greedy` turns sampling
+    off; otherwise `--sample` turns it on (batch captioning is greedy by default).
+    """
+    group = parser.add_argument_group("generation")
+    group.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens)
+    group.add_argument("--num-beams", type=_positive_int, default=CHAT_GENERATION_DEFAULTS["num_beams"])
+    group.add_argument("--temperature", type=_positive_float, default=CHAT_GENERATION_DEFAULTS["temperature"])
+    group.add_argument("--top-p", type=_probability, default=CHAT_GENERATION_DEFAULTS["top_p"])
+    group.add_argument(
+        "--repetition-penalty", type=_positive_float, default=CHAT_GENERATION_DEFAULTS["repetition_penalty"]
+    )
+    if sample_by_default:
+        group.add_argument(
+            "--greedy", dest="do_sample", action="store_false", help="No sampling (greedy, or beam search)."
+        )
+    else:
+        group.add_argument(
+            "--sample", dest="do_sample", action="store_true", help="Sample (top-p / temperature) instead of greedy."
+        )
+    parser.set_defaults(do_sample=sample_by_default)
+    group.add_argument("--seed", type=int, default=None, help="Seed the random generators (reproducible sampling).")
+
+
+def generation_kwargs_from_args(args: argparse.Namespace) -> dict:
+    """`generate()` keyword arguments from the generation flags (temperature / top-p only when sampling)."""
+    kwargs = {
+        "max_new_tokens": args.max_new_tokens,
+        "num_beams": args.num_beams,
+        "do_sample": args.do_sample,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    if args.do_sample:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device to run on: `name`, or CUDA when present, else the CPU. Unavailable devices are a `UserError`."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"Unknown device {name!r}; use cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asks for a CUDA GPU, but this machine has none; use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: Apple MPS is not available here; use --device cpu.")
+    return device
+
+
+def quantization_config_from_args(args: argparse.Namespace) -> BitsAndBytesConfig | None:
+    """
+    The `BitsAndBytesConfig` for `--load-in-8bit` / `--load-in-4bit` (None without them): only the language model's
+    linear layers are quantised; the ViT, Q-Former, query tokens, projection and LM head keep their dtype.
+    """
+    if not (args.load_in_8bit or args.load_in_4bit):
+        return None
+    if args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(QUANTIZATION_SKIP_MODULES))
+    compute_dtype = DTYPES.get(args.dtype, torch.float16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=list(QUANTIZATION_SKIP_MODULES),
+    )
+
+
+def check_quantization_possible(args: argparse.Namespace, device: torch.device) -> None:
+    """Refuses 8-/4-bit loading where bitsandbytes cannot run it, saying why and what to do instead."""
+    flag = "--load-in-8bit" if args.load_in_8bit else "--load-in-4bit"
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"{flag} needs an NVIDIA GPU with CUDA (bitsandbytes), and this machine has none. Drop {flag} to run "
+            "unquantised on the CPU (float32 by default, or --dtype bfloat16 to halve the memory)."
+        )
+    if device.type != "cuda":
+        raise UserError(f"{flag} runs on a CUDA GPU; drop --device {device} or pick a cuda device.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(
+            f"{flag} needs the bitsandbytes package: pip install bitsandbytes (or pip install '.[quantization]')."
+        ) from None
+
+
+def load_model_and_processor(args: argparse.Namespace) -> tuple[MiniGPT4ForConditionalGeneration, MiniGPT4Processor]:
+    """
+    Loads `args.model` with the model flags: dtype, device or device map, optional bitsandbytes quantisation.
+    Returns `(model, processor)`, the model in eval mode on its device(s).
+    """
+    device = resolve_device(args.device)
+    quantization_config = quantization_config_from_args(args)
+    if quantization_config is not None:
+        check_quantization_possible(args, device)
+
+    if args.dtype != "auto":
+        dtype = DTYPES[args.dtype]
+    elif quantization_config is not None:
+        dtype = torch.float16  # as the original's 8-bit `low_resource` mode
+    elif device.type == "cpu" and args.device_map is None:
+        dtype = torch.float32  # half precision is slow (or missing) on CPUs
+    else:
+        dtype = "auto"
+
+    load_kwargs = {"dtype": dtype}
+    if args.device_map is not None:
+        load_kwargs["device_map"] = args.device_map
+    elif quantization_config is not None:
+        # One pinned device, as the original's fix for multi-GPU 8-bit loading (issue #44).
+        load_kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+    if quantization_config is not None:
+        load_kwargs["quantization_config"] = quantization_config
+
+    try:
+        # This checkout's classes load the folder; its copied remote code is neither run nor asked about.
+        with _without_config_type_warning():
+            processor = MiniGPT4Processor.from_pretrained(args.model, trust_remote_code=False)
+        model = MiniGPT4ForConditionalGeneration.from_pretrained(args.model, **load_kwargs)
+    except (OSError, ValueError) as error:
+        raise UserError(f"Could not load a MiniGPT-4 model and processor from {args.model!r}: {error}") from None
+    if "device_map" not in load_kwargs:
+        model.to(device)
+    model.eval()
+    return model, processor
+
+
+class _DropConfigTypeWarning(logging.Filter):
+    """AutoTokenizer reads config.json as a bare config to find the tokenizer class, and warns that "minigpt4" is
+    not "" (harmless: the tokenizer class comes from tokenizer_config.json)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "to instantiate a model of type ``" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_config_type_warning():
+    config_logger = logging.getLogger("transformers.configuration_utils")
+    drop = _DropConfigTypeWarning()
+    config_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        config_logger.removeFilter(drop)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs go: the device of the language model's embeddings (the first stop of `input_ids`)."""
+    return model.get_input_embeddings().weight.device
+
+
+def seed_if_asked(args: argparse.Namespace) -> None:
+    if args.seed is not None:
+        set_seed(args.seed)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batched answers (caption.py) and the chat (chat.py, demo.py).
+
+
+def user_message(text: str | None = None, with_image: bool = True) -> dict:
+    """A chat-template user message: an image part and/or a text part."""
+    content = [{"type": "image"}] if with_image else []
+    if text is not None:
+        content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+@torch.inference_mode()
+def answer_batch(model, processor, images: list, question: str, generation_kwargs: dict) -> list[str]:
+    """
+    Answers one question about each image, in one left-padded batch. Images are PIL images (or anything
+    `load_rgb_image` takes). Returns one answer per image, post-processed as the original chat did.
+    """
+    prompt = processor.apply_chat_template([user_message(question)], add_generation_prompt=True)
+    inputs = processor(
+        images=list(images), text=[prompt] * len(images), padding_side="left", return_tensors="pt"
+    ).to(input_device(model))
+    generated = model.generate(**inputs, **generation_kwargs)
+    return processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])
+
+
+class _StopWhenCancelled(StoppingCriteria):
+    """Ends generation for every row once `event` is set (a reader stopped listening to a streamed answer)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class TextBeforeSeparator:
+    """
+    Passes streamed text through up to the turn separator `###`, as the stored answer will read: a tail that might
+    start the separator is held back (a reader never sees a `#` that turns out to end the turn), and so is trailing
+    whitespace, and leading whitespace is dropped (the stored answer is stripped).
+    """
+
+    def __init__(self, separator: str = TURN_SEPARATOR):
+        self.separator = separator
+        self.pending = ""
+        self.started = False
+        self.finished = False
+
+    def feed(self, piece: str) -> str:
+        """Returns the part of `piece` (plus what was held back) that surely belongs to the answer."""
+        if self.finished:
+            return ""
+        text = self.pending + piece
+        cut = text.find(self.separator)
+        if cut >= 0:
+            self.finished, self.pending = True, ""
+            return self._emit(text[:cut].rstrip())
+        held = next(
+            (size for size in range(min(len(self.separator) - 1, len(text)), 0, -1)
+             if text.endswith(self.separator[:size])),
+            0,
+        )
+        safe, held_text = text[: len(text) - held], text[len(text) - held :]
+        stripped = safe.rstrip()
+        self.pending = safe[len(stripped) :] + held_text
+        return self._emit(stripped)
+
+    def flush(self) -> str:
+        """What was held back, once the stream has ended without a separator."""
+        text, self.pending = ("" if self.finished else self.pending.rstrip()), ""
+        return self._emit(text)
+
+    def _emit(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        return text
+
+
+def _stderr_notice(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Conversation:
+    """
+    A chat about images, as the original `Chat` + `CONV_VISION_Vicuna0`: upload an image, ask, answer, ask again.
+
+    The history is a list of chat-template messages (`messages`) plus the images in placeholder order (`images`).
+    Each answer renders the whole history with `processor.apply_chat_template`, so the second question's prompt holds
+    the first answer. When prompt + `max_new_tokens` would not fit in `context_budget` tokens (the original's 2,000,
+    capped at the LM's context), the oldest exchanges are dropped (their images stay) and `notify` is told.
+
+    Args:
+        model, processor: a loaded MiniGPT-4 and its processor.
+        generation_kwargs: `generate()` defaults for every answer (see `CHAT_GENERATION_DEFAULTS`).
+        context_budget: most tokens (image tokens included) that prompt + answer may take.
+        notify: called with a one-line notice when turns are dropped (default: print to stderr).
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        generation_kwargs: dict | None = None,
+        context_budget: int = ORIGINAL_CONTEXT_BUDGET,
+        notify: Callable[[str], None] = _stderr_notice,
+    ):
+        self.model = model
+        self.processor = processor
+        self.generation_kwargs = dict(CHAT_GENERATION_DEFAULTS if generation_kwargs is None else generation_kwargs)
+        max_positions = getattr(model.config.text_config, "max_position_embeddings", None) or context_budget
+        self.context_budget = min(context_budget, max_positions)
+        self.notify = notify
+        self.messages: list[dict] = []
+        self.images: list = []
+        self.last_prompt: str | None = None
+
+    # -- the original Chat's steps -----------------------------------------------------------------------------------
+
+    def upload_image(self, image) -> str:
+        """Adds an image (path, PIL image or array) as a user turn, as `Chat.upload_img`. Bad files raise ValueError."""
+        self.images.append(load_rgb_image(image))
+        self.messages.append(user_message())
+        return "Received."
+
+    def ask(self, text: str) -> None:
+        """Adds a question; right after an image upload it joins the image's turn, as `Chat.ask` did."""
+        text = text.strip()
+        if not text:
+            raise ValueError("The question is empty.")
+        last = self.messages[-1] if self.messages else None
+        if last is not None and last["role"] == "user" and all(part["type"] == "image" for part in last["content"]):
+            last["content"].append({"type": "text", "text": text})
+        else:
+            self.messages.append(user_message(text, with_image=False))
+
+    def answer(self, **generation_overrides) -> str:
+        """Generates the answer to the pending question, stores it in the history and returns it."""
+        inputs, kwargs = self._prepare(generation_overrides)
+        with torch.inference_mode():
+            generated = self.model.generate(**inputs, **kwargs)
+        return self._store_answer(generated, inputs)
+
+    def stream_answer(self, **generation_overrides) -> Iterator[str]:
+        """
+        Like `answer`, but yields the answer's text as it is generated (`TextIteratorStreamer`); the turn separator
+        is not shown. The stored answer is the post-processed one (`messages[-1]`). Beam search cannot stream: it
+        yields the whole answer at once. Closing the iterator early stops generation and keeps the partial answer.
+        """
+        inputs, kwargs = self._prepare(generation_overrides)
+        if kwargs.get("num_beams", 1) > 1:
+            with torch.inference_mode():
+                generated = self.model.generate(**inputs, **kwargs)
+            yield self._store_answer(generated, inputs)
+            return
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancelled = threading.Event()
+        stopping = StoppingCriteriaList([_StopWhenCancelled(cancelled), *kwargs.pop("stopping_criteria", [])])
+        result: dict = {}
+
+        def generate() -> None:
+            try:
+                with torch.inference_mode():
+                    result["ids"] = self.model.generate(
+                        **inputs, **kwargs, streamer=streamer, stopping_criteria=stopping
+                    )
+            except BaseException as error:  # handed to the reading thread below
+                result["error"] = error
+                streamer.end()
+
+        worker = threading.Thread(target=generate, name="minigpt4-generate", daemon=True)
+        worker.start()
+        visible = TextBeforeSeparator()
+        try:
+            for piece in streamer:
+                text = visible.feed(piece)
+                if text:
+                    yield text
+            tail = visible.flush()
+            if tail:
+                yield tail
+        finally:
+            cancelled.set()
+            worker.join()
+            if "error" in result:
+                raise result["error"]
+            self._store_answer(result["ids"], inputs)
+
+    def reset(self, keep_images: bool = False) -> None:
+        """Forgets the history (the demo's Restart), and the images too unless `keep_images` (chat.py's `/reset`)."""
+        images = list(self.images) if keep_images else []
+        self.messages.clear()
+        self.images.clear()
+        self.last_prompt = None
+        for image in images:
+            self.upload_image(image)
+
+    def new_image(self, image) -> str:
+        """Starts over with another image (`/image FILE`). A bad image raises ValueError and changes nothing."""
+        loaded = load_rgb_image(image)
+        self.reset()
+        return self.upload_image(loaded)
+
+    # -- helpers ----------------------------------------------------------------------------------------------------
+
+    def has_pending_question(self) -> bool:
+        """Whether the last turn is a question still waiting for its answer."""
+        return bool(self.messages) and self.messages[-1]["role"] == "user" and any(
+            part["type"] == "text" for part in self.messages[-1]["content"]
+        )
+
+    def _prepare(self, generation_overrides: dict):
+        if not self.has_pending_question():
+            raise ValueError("There is no question to answer: ask a question first.")
+        kwargs = {**self.generation_kwargs, **generation_overrides}
+        if not kwargs.get("do_sample", False):
+            kwargs.pop("temperature", None)
+            kwargs.pop("top_p", None)
+        inputs = self._fit_context(kwargs.get("max_new_tokens", CHAT_GENERATION_DEFAULTS["max_new_tokens"]))
+        return inputs.to(input_device(self.model)), kwargs
+
+    def _render(self):
+        prompt = self.processor.apply_chat_template(self.messages, add_generation_prompt=True)
+        inputs = self.processor(images=self.images or None, text=prompt, return_tensors="pt")
+        return prompt, inputs
+
+    def _fit_context(self, max_new_tokens: int):
+        """Drops the oldest exchanges until prompt + `max_new_tokens` fit the budget; returns the model inputs."""
+        dropped = 0
+        prompt, inputs = self._render()
+        while inputs["input_ids"].shape[1] + max_new_tokens > self.context_budget:
+            user_turns = [index for index, message in enumerate(self.messages) if message["role"] == "user"]
+            if len(user_turns) < 2:
+                self._withdraw_question()
+                raise ValueError(
+                    f"The image(s) and the question take {inputs['input_ids'].shape[1]} tokens; with "
+                    f"{max_new_tokens} new tokens that is more than the {self.context_budget}-token context. "
+                    "Shorten the question or lower --max-new-tokens."
+                )
+            self._drop_oldest_exchange(user_turns[1])
+            dropped += 1
+            prompt, inputs = self._render()
+        if dropped:
+            self.notify(
+                f"[notice] The conversation no longer fits the {self.context_budget}-token context with "
+                f"{max_new_tokens} new tokens: dropped the oldest {dropped} turn(s)."
+            )
+        self.last_prompt = prompt
+        return inputs
+
+    def _drop_oldest_exchange(self, next_user_index: int) -> None:
+        """Removes the messages before `next_user_index`, moving their image parts into that next user message."""
+        removed, self.messages = self.messages[:next_user_index], self.messages[next_user_index:]
+        kept_images = [part for message in removed for part in message["content"]
+                       if isinstance(part, dict) and part.get("type") == "image"]
+        if kept_images:
+            self.messages[0] = {**self.messages[0], "content": kept_images + list(self.messages[0]["content"])}
+
+    def _withdraw_question(self) -> None:
+        """Takes the pending question back out of the history (its image stays), e.g. when it cannot fit."""
+        last = self.messages[-1]
+        remaining = [part for part in last["content"] if part["type"] != "text"]
+        if remaining:
+            self.messages[-1] = {**last, "content": remaining}
+        else:
+            self.messages.pop()
+
+    def _store_answer(self, generated: torch.LongTensor, inputs) -> str:
+        answer = self.processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])[0]
+        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return answer

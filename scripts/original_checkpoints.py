@@ -1,0 +1,798 @@
+"""
+Reading the original MiniGPT-4 checkpoint files and mapping them onto `MiniGPT4ForConditionalGeneration`.
+
+The original model is put together from four sources (facts sheet §2.4):
+
+- `eva_vit_g.pth` (LAVIS): the EVA ViT-g with bare keys (`cls_token`, `blocks.{i}.attn.q_bias`, ...);
+- `blip2_pretrained_flant5xxl.pth` (LAVIS): `{"model": {...}}` with `ln_vision.*`, `query_tokens`, `Qformer.bert.*`;
+- a Vicuna / LLaMA folder in transformers format (weights, `config.json`, tokenizer);
+- `pretrained_minigpt4.pth` / `prerained_minigpt4_7b.pth`: `{"model": {"llama_proj.weight", "llama_proj.bias"}}`.
+
+A transformers BLIP-2 checkpoint (`Blip2ForConditionalGeneration`) can stand in for the first two.
+
+Nothing is read into memory before it is written: the files are opened memory-mapped (or lazily, for safetensors),
+the key mapping and the configuration are worked out from names and shapes alone, checked against the model built on
+the meta device, and the tensors are then materialised one output shard at a time.
+"""
+
+import functools
+import json
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import minigpt4_common  # noqa: F401  (puts the repo root on sys.path)
+import torch
+from huggingface_hub import hf_hub_download, split_torch_state_dict_into_shards
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from configuration_minigpt4 import MiniGPT4Config
+from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
+
+
+class ConversionError(Exception):
+    """Bad input: the message names the file (and key) at fault and says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Key renaming: templates with placeholders, usable in both directions (the backward direction names the source key a
+# missing model parameter should have come from).
+
+_PLACEHOLDER_PATTERNS = {
+    "layer": r"\d+",
+    "param": r"weight|bias",
+    "block": r"attention|crossattention",
+    "fc": r"fc1|fc2",
+    "norm": r"1|2",
+    "rest": r".+",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _template_regex(template: str) -> re.Pattern:
+    parts = re.split(r"(\{\w+\})", template)
+    pattern = "".join(
+        f"(?P<{part[1:-1]}>{_PLACEHOLDER_PATTERNS[part[1:-1]]})" if part.startswith("{") else re.escape(part)
+        for part in parts
+    )
+    return re.compile(f"^{pattern}$")
+
+
+@dataclass(frozen=True)
+class RenameRule:
+    """`source` key template (original file) <-> `target` key template (converted model)."""
+
+    source: str
+    target: str
+
+    def forward(self, key: str) -> str | None:
+        match = _template_regex(self.source).match(key)
+        return self.target.format(**match.groupdict()) if match else None
+
+    def backward(self, key: str) -> str | None:
+        match = _template_regex(self.target).match(key)
+        return self.source.format(**match.groupdict()) if match else None
+
+
+# The EVA ViT's attention has q and v biases but no k bias; the converted qkv bias is cat(q_bias, zeros, v_bias).
+QKV_BIAS_SOURCES = ("blocks.{layer}.attn.q_bias", "blocks.{layer}.attn.v_bias")
+QKV_BIAS_TARGET = "vision_model.encoder.layers.{layer}.self_attn.qkv.bias"
+
+
+def qkv_bias(q_bias: torch.Tensor, v_bias: torch.Tensor) -> torch.Tensor:
+    """`(hidden,), (hidden,) -> (3 * hidden,)`: the fused qkv bias with a zero key part, as the original computed it."""
+    return torch.cat([q_bias, torch.zeros_like(v_bias), v_bias])
+
+
+@dataclass(frozen=True)
+class InputKind:
+    """One kind of input file: the flag that takes it, how to recognise it, how its keys map."""
+
+    flag: str
+    description: str
+    looks_like: Callable[[set[str]], bool] = field(repr=False)
+    rules: tuple[RenameRule, ...]
+    # (regex on the source key, why it is not loaded): keys the original ignored too.
+    ignored: tuple[tuple[str, str], ...] = ()
+
+    def target_of(self, key: str) -> str | None:
+        for rule in self.rules:
+            target = rule.forward(key)
+            if target is not None:
+                return target
+        return None
+
+    def sources_of(self, target: str) -> list[str]:
+        """The source keys this kind of file must hold for the model parameter `target` (empty: not this file)."""
+        if self.flag == "--vit-checkpoint":
+            match = _template_regex(QKV_BIAS_TARGET).match(target)
+            if match:
+                return [template.format(**match.groupdict()) for template in QKV_BIAS_SOURCES]
+        for rule in self.rules:
+            source = rule.backward(target)
+            if source is not None:
+                return [source]
+        return []
+
+    def why_ignored(self, key: str) -> str | None:
+        for pattern, why in self.ignored:
+            if re.search(pattern, key):
+                return why
+        return None
+
+
+def _has_prefix(*prefixes: str) -> Callable[[set[str]], bool]:
+    return lambda keys: any(key.startswith(prefixes) for key in keys)
+
+
+_VIT_LAYER = "vision_model.encoder.layers.{layer}"
+KINDS = {
+    "vit": InputKind(
+        flag="--vit-checkpoint",
+        description="an EVA ViT checkpoint (eva_vit_g.pth: bare keys 'cls_token', 'pos_embed', 'blocks.{i}.*')",
+        looks_like=lambda keys: "pos_embed" in keys or any(key.startswith("blocks.") for key in keys),
+        rules=(
+            RenameRule("cls_token", "vision_model.embeddings.class_embedding"),
+            RenameRule("pos_embed", "vision_model.embeddings.position_embedding"),
+            RenameRule("patch_embed.proj.{param}", "vision_model.embeddings.patch_embedding.{param}"),
+            RenameRule("blocks.{layer}.norm{norm}.{param}", _VIT_LAYER + ".layer_norm{norm}.{param}"),
+            RenameRule("blocks.{layer}.attn.qkv.weight", _VIT_LAYER + ".self_attn.qkv.weight"),
+            RenameRule("blocks.{layer}.attn.proj.{param}", _VIT_LAYER + ".self_attn.projection.{param}"),
+            RenameRule("blocks.{layer}.mlp.{fc}.{param}", _VIT_LAYER + ".mlp.{fc}.{param}"),
+        ),
+    ),
+    "qformer": InputKind(
+        flag="--qformer-checkpoint",
+        description="a BLIP-2 checkpoint (blip2_pretrained_flant5xxl.pth: {'model': {'query_tokens', 'ln_vision.*', "
+        "'Qformer.bert.*'}})",
+        looks_like=lambda keys: "query_tokens" in keys or any(key.startswith("Qformer.") for key in keys),
+        rules=(
+            RenameRule("ln_vision.{param}", "vision_model.post_layernorm.{param}"),
+            RenameRule("query_tokens", "query_tokens"),
+            RenameRule("Qformer.bert.embeddings.LayerNorm.{param}", "qformer.layernorm.{param}"),
+            RenameRule(
+                "Qformer.bert.encoder.layer.{layer}.{block}.self.{rest}",
+                "qformer.encoder.layer.{layer}.{block}.attention.{rest}",
+            ),
+            RenameRule("Qformer.bert.encoder.layer.{layer}.{rest}", "qformer.encoder.layer.{layer}.{rest}"),
+        ),
+        ignored=(
+            (r"^Qformer\.bert\.embeddings\.position_ids$", "buffer of the Q-Former's text embeddings (removed)"),
+            (r"^t5_proj\.", "BLIP-2's projection into Flan-T5, not used by MiniGPT-4"),
+        ),
+    ),
+    "projection": InputKind(
+        flag="--projection-checkpoint",
+        description="a MiniGPT-4 projection checkpoint (pretrained_minigpt4.pth: {'model': {'llama_proj.weight', "
+        "'llama_proj.bias'}})",
+        looks_like=_has_prefix("llama_proj."),
+        rules=(RenameRule("llama_proj.{param}", "language_projection.{param}"),),
+    ),
+    "blip2": InputKind(
+        flag="--blip2",
+        description="a transformers BLIP-2 checkpoint (keys 'vision_model.*', 'qformer.*', 'query_tokens')",
+        looks_like=_has_prefix("vision_model.", "qformer."),
+        rules=(
+            RenameRule("vision_model.{rest}", "vision_model.{rest}"),
+            RenameRule("qformer.{rest}", "qformer.{rest}"),
+            RenameRule("query_tokens", "query_tokens"),
+        ),
+        ignored=(
+            (r"^language_model\.", "BLIP-2's own language model"),
+            (r"^language_projection\.", "BLIP-2's projection into its own language model"),
+        ),
+    ),
+    "llm": InputKind(
+        flag="--llm",
+        description="a LLaMA / Vicuna state dict in transformers format ('model.embed_tokens.weight', "
+        "'model.layers.{i}.*', 'lm_head.weight')",
+        looks_like=lambda keys: any("embed_tokens" in key for key in keys),
+        rules=(RenameRule("{rest}", "language_model.{rest}"),),
+        ignored=((r"\.rotary_emb\.inv_freq$", "rotary frequencies, recomputed from the config"),),
+    ),
+}
+# Prefixes of the BLIP-2 keys MiniGPT-4 takes (the rest of a BLIP-2 checkpoint is its own language model).
+BLIP2_KEPT_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading files without loading them.
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of an input file, known by its shape before it is read."""
+
+    origin: str  # "--vit-checkpoint /path/eva_vit_g.pth", for messages
+    key: str
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, origin: str, key: str) -> "SourceTensor":
+        return cls(origin, key, tuple(tensor.shape), lambda: tensor)
+
+
+@dataclass
+class InputFile:
+    """The tensors of one input (a file, or the weight files of a folder), by source key."""
+
+    kind: InputKind
+    origin: str
+    tensors: dict[str, SourceTensor]
+    paths: list[Path] = field(default_factory=list)  # every file read, for the provenance record
+    other_entries: list[str] = field(default_factory=list)  # top-level entries beside "model" (optimizer, ...)
+
+    @classmethod
+    def from_state_dict(cls, kind: InputKind, state_dict: dict, origin: str) -> "InputFile":
+        """Wraps an in-memory state dict (tests, meta tensors)."""
+        tensors = {key: SourceTensor.of(value, origin, key) for key, value in state_dict.items()}
+        return cls(kind, origin, tensors)
+
+    def check_kind(self) -> None:
+        """Raises if the file does not hold what its flag takes, naming what it looks like instead."""
+        keys = set(self.tensors)
+        if not keys:
+            raise ConversionError(f"{self.origin}: the file holds no tensors; expected {self.kind.description}.")
+        if self.kind.looks_like(keys):
+            return
+        guesses = [kind for kind in KINDS.values() if kind is not self.kind and kind.looks_like(keys)]
+        hint = (
+            f" It looks like {guesses[0].description}: pass it as {guesses[0].flag}." if guesses else
+            f" Its first keys: {', '.join(sorted(keys)[:5])}."
+        )
+        raise ConversionError(f"{self.origin} is not {self.kind.description}.{hint}")
+
+
+def read_torch_checkpoint(path: str | Path, kind: InputKind, allow_unsafe_pickle: bool = False) -> InputFile:
+    """
+    Opens a `torch.save` checkpoint memory-mapped: a bare state dict, or `{"model": state_dict, "optimizer": ...}` as
+    the LAVIS / MiniGPT-4 runners save them (the other top-level entries are listed, not loaded).
+    """
+    path = Path(path)
+    origin = f"{kind.flag} {path}"
+    if not path.exists():
+        raise ConversionError(f"{origin}: no such file.")
+    if path.is_dir():
+        raise ConversionError(f"{origin}: is a folder; expected {kind.description}.")
+    checkpoint = None
+    error = None
+    for mmap in (True, False):  # checkpoints in the pre-1.6 (non-zip) format cannot be memory-mapped
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle, mmap=mmap)
+            break
+        except Exception as caught:  # noqa: BLE001 (torch raises many kinds for unreadable files)
+            error = caught
+    if checkpoint is None:
+        hint = ""
+        if "Weights only load failed" in str(error):
+            hint = (
+                " The file pickles objects other than tensors; if you trust it, pass --allow-unsafe-pickle."
+            )
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConversionError(
+            f"{origin}: cannot be read as a PyTorch checkpoint ({type(error).__name__}: {first_line}).{hint}"
+        )
+
+    other_entries = []
+    if isinstance(checkpoint, dict):
+        for wrapper in ("model", "state_dict"):
+            if isinstance(checkpoint.get(wrapper), dict):
+                other_entries = [str(key) for key in checkpoint if key != wrapper]
+                checkpoint = checkpoint[wrapper]
+                break
+    if not isinstance(checkpoint, dict):
+        raise ConversionError(
+            f"{origin}: holds a {type(checkpoint).__name__}, not a state dict; expected {kind.description}."
+        )
+    tensors = {}
+    for key, value in checkpoint.items():
+        if isinstance(value, torch.Tensor):
+            tensors[str(key)] = SourceTensor.of(value, origin, str(key))
+        else:
+            other_entries.append(str(key))
+    loaded = InputFile(kind, origin, tensors, paths=[path], other_entries=other_entries)
+    loaded.check_kind()
+    return loaded
+
+
+_WEIGHT_FILES = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+def find_weight_files(folder: Path) -> tuple[Path | None, list[Path], dict | None]:
+    """`(index file, weight files, index weight map)` of a transformers checkpoint folder; none: `(None, [], None)`."""
+    for index_name, single_name in _WEIGHT_FILES:
+        if (folder / index_name).is_file():
+            index = folder / index_name
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as error:
+                raise ConversionError(f"{index}: not a readable checkpoint index ({error}).") from None
+            return index, [folder / name for name in sorted(set(weight_map.values()))], weight_map
+        if (folder / single_name).is_file():
+            return None, [folder / single_name], None
+    return None, [], None
+
+
+def read_transformers_weights(
+    folder: str | Path, kind: InputKind, keep: Callable[[str], bool] | None = None
+) -> InputFile:
+    """
+    Opens the weights of a transformers checkpoint folder (safetensors or `.bin`, single or sharded) lazily; with
+    `keep`, only the shards holding kept keys are opened (a BLIP-2 checkpoint's T5 shards are not needed).
+    """
+    folder = Path(folder)
+    origin = f"{kind.flag} {folder}"
+    if not folder.is_dir():
+        raise ConversionError(f"{origin}: no such folder; expected a transformers checkpoint folder.")
+    index, files, weight_map = find_weight_files(folder)
+    if not files:
+        raise ConversionError(
+            f"{origin}: no weights found; expected model.safetensors, model.safetensors.index.json, "
+            "pytorch_model.bin or pytorch_model.bin.index.json in the folder."
+        )
+    if weight_map is not None and keep is not None:
+        files = [folder / name for name in sorted({name for key, name in weight_map.items() if keep(key)})]
+    tensors: dict[str, SourceTensor] = {}
+    for path in files:
+        if not path.is_file():
+            raise ConversionError(f"{origin}: the index {index.name} lists {path.name}, which is missing.")
+        try:
+            tensors.update(_open_weight_file(path, origin, keep))
+        except ConversionError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            raise ConversionError(f"{origin}: cannot read {path.name} ({type(error).__name__}: {error}).") from None
+    paths = ([index] if index else []) + files
+    loaded = InputFile(kind, origin, tensors, paths=paths)
+    loaded.check_kind()
+    return loaded
+
+
+def download_blip2_parts(repo_id: str) -> Path:
+    """
+    Downloads from the Hub only what MiniGPT-4 takes from a BLIP-2 checkpoint: `config.json` and the weight files
+    holding `vision_model.*`, `qformer.*` and `query_tokens` (not the language-model shards). Returns the snapshot
+    folder.
+    """
+    origin = f"--blip2 {repo_id}"
+    try:
+        folder = Path(hf_hub_download(repo_id, "config.json")).parent
+        for index_name, single_name in _WEIGHT_FILES:
+            try:
+                index_path = hf_hub_download(repo_id, index_name)
+            except EntryNotFoundError:
+                try:
+                    hf_hub_download(repo_id, single_name)
+                    return folder
+                except EntryNotFoundError:
+                    continue
+            weight_map = json.loads(Path(index_path).read_text())["weight_map"]
+            for name in sorted({name for key, name in weight_map.items() if key.startswith(BLIP2_KEPT_PREFIXES)}):
+                hf_hub_download(repo_id, name)
+            return folder
+    except Exception as error:  # noqa: BLE001 (network, authentication, missing repository)
+        raise ConversionError(
+            f"{origin}: not a local folder, and fetching it from the Hub failed ({type(error).__name__}: {error})."
+        ) from None
+    raise ConversionError(f"{origin}: the Hub repository has no model.safetensors or pytorch_model.bin weights.")
+
+
+def _open_weight_file(path: Path, origin: str, keep: Callable[[str], bool] | None) -> dict[str, SourceTensor]:
+    origin = f"{origin} ({path.name})"
+    tensors = {}
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                if keep is None or keep(key):
+                    shape = tuple(handle.get_slice(key).get_shape())
+                    tensors[key] = SourceTensor(origin, key, shape, functools.partial(_read_safetensor, path, key))
+        return tensors
+    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {
+        key: SourceTensor.of(value, origin, key)
+        for key, value in state_dict.items()
+        if isinstance(value, torch.Tensor) and (keep is None or keep(key))
+    }
+
+
+def _read_safetensor(path: Path, key: str) -> torch.Tensor:
+    with safe_open(path, framework="pt") as handle:
+        return handle.get_tensor(key)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The plan: every tensor of the converted model and where it comes from.
+
+
+@dataclass(frozen=True)
+class TargetTensor:
+    """A tensor of the converted model: one source tensor renamed, or several combined (the ViT's q/v biases)."""
+
+    sources: tuple[SourceTensor, ...]
+    shape: tuple[int, ...]
+    combine: Callable[..., torch.Tensor] | None = field(default=None, compare=False)
+
+    def materialize(self, dtype: torch.dtype) -> torch.Tensor:
+        """Reads the source(s) and returns a fresh contiguous tensor (floating point cast to `dtype`)."""
+        inputs = [source.read() for source in self.sources]
+        tensor = self.combine(*inputs) if self.combine else inputs[0]
+        converted = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        if any(converted.data_ptr() == source.data_ptr() for source in inputs):  # never a view of an input file
+            converted = converted.clone()
+        return converted.contiguous()
+
+    def describe(self) -> str:
+        keys = " + ".join(repr(source.key) for source in self.sources)
+        return f"{keys} in {self.sources[0].origin}"
+
+
+@dataclass
+class ConversionPlan:
+    inputs: list[InputFile]
+    tensors: dict[str, TargetTensor] = field(default_factory=dict)
+    # (origin, what, why): not loaded, listed for the user.
+    ignored: list[tuple[str, str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def shape(self, target: str) -> tuple[int, ...]:
+        """The shape of a model tensor; raises naming the source key when no input provides it."""
+        if target not in self.tensors:
+            raise ConversionError(self.missing_message([target]))
+        return self.tensors[target].shape
+
+    def layer_indices(self, prefix: str) -> list[int]:
+        """Sorted `i` of the keys `prefix.{i}.*`."""
+        pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+        return sorted({int(m.group(1)) for key in self.tensors if (m := pattern.match(key))})
+
+    def missing_message(self, targets: Iterable[str], limit: int = 8) -> str:
+        targets = list(targets)
+        lines = []
+        for target in targets[:limit]:
+            for loaded in self.inputs:
+                sources = loaded.kind.sources_of(target)
+                if sources:
+                    absent = [source for source in sources if source not in loaded.tensors] or sources
+                    keys = " and ".join(repr(source) for source in absent)
+                    lines.append(f"{loaded.origin} has no key {keys} (needed for {target!r})")
+                    break
+            else:
+                lines.append(f"no input provides {target!r}")
+        more = f"\n  ... and {len(targets) - limit} more" if len(targets) > limit else ""
+        return (
+            "Missing weights; the files are incomplete or of another model:\n  " + "\n  ".join(lines) + more
+        )
+
+    def drop_vision_layers_from(self, depth: int) -> None:
+        """Drops ViT blocks `>= depth` (the real eva_vit_g.pth holds 40 blocks; MiniGPT-4 uses 39)."""
+        available = self.layer_indices("vision_model.encoder.layers")
+        dropped = [i for i in available if i >= depth]
+        if not dropped:
+            return
+        origin = None
+        for i in dropped:
+            prefix = f"vision_model.encoder.layers.{i}."
+            for key in [key for key in self.tensors if key.startswith(prefix)]:
+                origin = self.tensors.pop(key).sources[0].origin
+        blocks = f"block {dropped[0]}" if len(dropped) == 1 else f"blocks {dropped[0]}-{dropped[-1]}"
+        self.notes.append(
+            f"{origin} holds {len(available)} ViT blocks; the model uses the first {depth}: dropping {blocks}, "
+            "as the original did."
+        )
+        self.ignored.append((origin, f"ViT {blocks}", f"beyond the configured depth of {depth}"))
+
+
+def plan_conversion(inputs: list[InputFile]) -> ConversionPlan:
+    """Maps every input's keys onto model keys; keys the original ignored are listed in `plan.ignored`."""
+    plan = ConversionPlan(inputs)
+    for loaded in inputs:
+        kind = loaded.kind
+        for entry in loaded.other_entries:
+            plan.ignored.append((loaded.origin, entry, "top-level entry beside the weights (optimizer state, ...)"))
+        qv_biases: dict[str, dict[str, SourceTensor]] = {}
+        for key, source in loaded.tensors.items():
+            why = kind.why_ignored(key)
+            if why is not None:
+                plan.ignored.append((loaded.origin, key, why))
+                continue
+            if kind.flag == "--vit-checkpoint":
+                match = re.match(r"^blocks\.(\d+)\.attn\.(q|v)_bias$", key)
+                if match:
+                    qv_biases.setdefault(match.group(1), {})[match.group(2)] = source
+                    continue
+            target = kind.target_of(key)
+            if target is None:
+                plan.ignored.append((loaded.origin, key, "not a MiniGPT-4 weight (the original ignored it too)"))
+                continue
+            if target in plan.tensors:
+                raise ConversionError(
+                    f"{loaded.origin}: key {key!r} provides {target!r}, which "
+                    f"{plan.tensors[target].describe()} already provides; pass each part once."
+                )
+            plan.tensors[target] = TargetTensor((source,), source.shape)
+        for layer, biases in qv_biases.items():
+            if set(biases) == {"q", "v"}:
+                q_bias, v_bias = biases["q"], biases["v"]
+                shape = (q_bias.shape[0] * 3,)
+                plan.tensors[QKV_BIAS_TARGET.format(layer=layer)] = TargetTensor((q_bias, v_bias), shape, qkv_bias)
+            # With only one of the two, the qkv bias stays missing and the coverage check names the absent key.
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The configuration, from the shapes.
+
+
+def _deep_update(base: dict, updates: dict) -> dict:
+    merged = dict(base)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_update(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config_overrides(path: str | Path | None) -> dict:
+    """Reads `--config-overrides`: a JSON object of MiniGPT4Config fields, sub-configs as nested objects."""
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        overrides = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConversionError(f"--config-overrides {path}: no such file.") from None
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"--config-overrides {path}: not a readable JSON file ({error}).") from None
+    if not isinstance(overrides, dict):
+        raise ConversionError(f"--config-overrides {path}: must hold a JSON object, got {type(overrides).__name__}.")
+    known = set(MiniGPT4Config.__dataclass_fields__)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConversionError(
+            f"--config-overrides {path}: unknown MiniGPT4Config field(s) {unknown}; use e.g. "
+            '{"vision_config": {"num_attention_heads": 16}, "qformer_config": {"num_attention_heads": 12}}.'
+        )
+    if "image_token_id" in overrides:
+        raise ConversionError(
+            f"--config-overrides {path}: image_token_id is set from the tokenizer (the id the processor gives "
+            "'<ImageHere>'); remove it."
+        )
+    for name in ("vision_config", "qformer_config", "text_config"):
+        if name in overrides and not isinstance(overrides[name], dict):
+            raise ConversionError(f"--config-overrides {path}: {name} must be a JSON object.")
+    return overrides
+
+
+# Entries of an LLM's config.json that describe that file rather than the model.
+_TEXT_CONFIG_DROPPED = ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype")
+
+
+def text_config_dict(config) -> dict:
+    """The language model's config as the `text_config` of a MiniGPT4Config (file-specific entries dropped)."""
+    values = config.to_dict()
+    for key in _TEXT_CONFIG_DROPPED:
+        values.pop(key, None)
+    return values
+
+
+def _cross_attention_frequency(layers: int, cross_layers: list[int], preferred: int) -> int | None:
+    """The `f` with cross-attention exactly in the layers `i % f == 0` (the preferred one if it fits)."""
+    for frequency in [preferred, *range(1, layers + 1)]:
+        if frequency >= 1 and [i for i in range(layers) if i % frequency == 0] == cross_layers:
+            return frequency
+    return None
+
+
+def derive_config(
+    plan: ConversionPlan,
+    text_config: dict,
+    overrides: dict,
+    base: dict | None = None,
+    **fields,
+) -> MiniGPT4Config:
+    """
+    Builds the MiniGPT4Config: sizes from the tensors' shapes, head counts and the rest from `base` (the defaults, or
+    a BLIP-2 checkpoint's config) and `overrides` (which win). Also drops ViT blocks beyond the configured depth.
+
+    Args:
+        plan: the mapped tensors.
+        text_config: the language model's config (`config.json` of the LLM folder) as a dict.
+        overrides: `--config-overrides`.
+        base: `{"vision_config": {...}, "qformer_config": {...}, "num_query_tokens": n}` defaults.
+        fields: further MiniGPT4Config fields (`image_token_id`, `stop_token_ids`).
+    """
+    defaults = MiniGPT4Config()
+    base = base or {}
+    vision = _deep_update(defaults.vision_config.to_dict(), base.get("vision_config", {}))
+    qformer = _deep_update(defaults.qformer_config.to_dict(), base.get("qformer_config", {}))
+    vision_overrides = overrides.get("vision_config", {})
+    qformer_overrides = overrides.get("qformer_config", {})
+
+    # ViT: width, patch, image size, MLP width, depth.
+    position_shape = plan.shape("vision_model.embeddings.position_embedding")  # (1, 1 + grid**2, width)
+    patch_shape = plan.shape("vision_model.embeddings.patch_embedding.weight")  # (width, 3, patch, patch)
+    width, patch_size = position_shape[-1], patch_shape[-1]
+    grid = math.isqrt(position_shape[1] - 1)
+    if grid * grid != position_shape[1] - 1:
+        source = plan.tensors["vision_model.embeddings.position_embedding"].describe()
+        raise ConversionError(f"{source} has shape {list(position_shape)}: not 1 + a square grid of positions.")
+    available_layers = plan.layer_indices("vision_model.encoder.layers")
+    if not available_layers:
+        raise ConversionError(plan.missing_message(["vision_model.encoder.layers.0.mlp.fc1.weight"]))
+    vision.update(
+        hidden_size=width,
+        patch_size=patch_size,
+        image_size=grid * patch_size,
+        intermediate_size=plan.shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
+        qkv_bias=True,
+    )
+    depth = vision_overrides.get("num_hidden_layers", min(vision["num_hidden_layers"], len(available_layers)))
+    if depth > len(available_layers):
+        raise ConversionError(
+            plan.missing_message([f"vision_model.encoder.layers.{len(available_layers)}.mlp.fc1.weight"])
+            + f"\n  (the configuration asks for {depth} ViT blocks; the file holds {len(available_layers)})"
+        )
+    vision["num_hidden_layers"] = depth
+    plan.drop_vision_layers_from(depth)
+
+    # Q-Former: width, queries, depth, FFN width, cross-attention layers and the width they attend to.
+    query_shape = plan.shape("query_tokens")  # (1, num_query_tokens, qformer_width)
+    qformer_layers = plan.layer_indices("qformer.encoder.layer")
+    if not qformer_layers:
+        raise ConversionError(plan.missing_message(["qformer.encoder.layer.0.intermediate_query.dense.weight"]))
+    cross_layers = [
+        i for i in qformer_layers if f"qformer.encoder.layer.{i}.crossattention.attention.key.weight" in plan.tensors
+    ]
+    frequency = _cross_attention_frequency(len(qformer_layers), cross_layers, qformer["cross_attention_frequency"])
+    if frequency is None:
+        raise ConversionError(
+            f"The Q-Former has cross-attention in layers {cross_layers} of {len(qformer_layers)}, which is not "
+            "every n-th layer starting at 0; the files are not a BLIP-2 Q-Former."
+        )
+    qformer.update(
+        hidden_size=query_shape[-1],
+        num_hidden_layers=len(qformer_layers),
+        intermediate_size=plan.shape("qformer.encoder.layer.0.intermediate_query.dense.weight")[0],
+        cross_attention_frequency=frequency,
+    )
+    if cross_layers:
+        cross_key = f"qformer.encoder.layer.{cross_layers[0]}.crossattention.attention.key.weight"
+        if plan.shape(cross_key)[1] != width:
+            raise ConversionError(
+                f"{plan.tensors[cross_key].describe()} has shape {list(plan.shape(cross_key))}: the Q-Former "
+                f"attends to image features of width {plan.shape(cross_key)[1]}, but the ViT "
+                f"({plan.tensors['vision_model.embeddings.position_embedding'].sources[0].origin}) has width "
+                f"{width}. The two files do not belong together."
+            )
+
+    # Projection (llama_proj): Q-Former width -> language-model width.
+    projection_shape = plan.shape("language_projection.weight")  # (text_width, qformer_width)
+    projection_source = plan.tensors["language_projection.weight"].describe()
+    if projection_shape[1] != qformer["hidden_size"]:
+        raise ConversionError(
+            f"{projection_source} has shape {list(projection_shape)}: it takes Q-Former features of width "
+            f"{projection_shape[1]}, but the Q-Former has width {qformer['hidden_size']}."
+        )
+    text_width = text_config.get("hidden_size")
+    if projection_shape[0] != text_width:
+        raise ConversionError(
+            f"{projection_source} has shape {list(projection_shape)}: it maps to width {projection_shape[0]}, but "
+            f"the language model in --llm has hidden size {text_width}. The projection was trained for another "
+            "Vicuna size (5120 = 13B, 4096 = 7B: pretrained_minigpt4.pth goes with Vicuna-13B v0, "
+            "prerained_minigpt4_7b.pth with Vicuna-7B v0); pass the matching pair."
+        )
+
+    merged = {
+        "vision_config": _deep_update(vision, vision_overrides),
+        "qformer_config": _deep_update(qformer, qformer_overrides),
+        "text_config": _deep_update(text_config, overrides.get("text_config", {})),
+        "num_query_tokens": query_shape[1],
+        **fields,
+    }
+    merged.update({key: value for key, value in overrides.items() if not key.endswith("_config")})
+    for name, part in (("vision_config", merged["vision_config"]), ("qformer_config", merged["qformer_config"])):
+        heads = part.get("num_attention_heads")
+        if not heads or part["hidden_size"] % heads:
+            raise ConversionError(
+                f"The {name.split('_')[0]} width {part['hidden_size']} is not divisible by {heads} attention heads "
+                f"(the default). Head counts cannot be read from the weights: pass --config-overrides with "
+                f'{{"{name}": {{"num_attention_heads": N}}}}.'
+            )
+    try:
+        return MiniGPT4Config(**merged)
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"Invalid configuration (check --config-overrides): {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checking against the model and writing.
+
+
+def expected_model_shapes(config: MiniGPT4Config) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of everything `save_pretrained` would write for `config` (model built on the meta device)."""
+    with torch.device("meta"):
+        model = MiniGPT4ForConditionalGeneration(config)
+    shapes, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:  # tied weights are written once
+            continue
+        seen.add(id(tensor))
+        shapes[name] = tuple(tensor.shape)
+    return shapes
+
+
+def check_against_model(plan: ConversionPlan, config: MiniGPT4Config) -> list[str]:
+    """
+    Checks that the plan provides every model tensor with the right shape; keys the model has no place for are moved
+    to `plan.ignored`. Returns the model's tensor names, in model order.
+    """
+    expected = expected_model_shapes(config)
+    missing = [name for name in expected if name not in plan.tensors]
+    if missing:
+        raise ConversionError(plan.missing_message(missing))
+    mismatched = [name for name, shape in expected.items() if plan.tensors[name].shape != shape]
+    if mismatched:
+        lines = [
+            f"{plan.tensors[name].describe()} has shape {list(plan.tensors[name].shape)}, but the model built from "
+            f"the other files needs {list(expected[name])} for {name!r}"
+            for name in mismatched[:8]
+        ]
+        raise ConversionError(
+            "Shape mismatch (files of different model sizes, or a head count / size in --config-overrides that "
+            "does not fit):\n  " + "\n  ".join(lines)
+        )
+    for name in [name for name in plan.tensors if name not in expected]:
+        target = plan.tensors.pop(name)
+        plan.ignored.append(
+            (target.sources[0].origin, target.sources[0].key, "not a MiniGPT-4 weight (the original ignored it too)")
+        )
+    return list(expected)
+
+
+def save_sharded_safetensors(
+    plan: ConversionPlan,
+    names: list[str],
+    folder: Path,
+    dtype_of: Callable[[str], torch.dtype],
+    max_shard_size: int | str,
+) -> list[str]:
+    """
+    Writes `names` as `model.safetensors` or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`,
+    reading each shard's tensors only when that shard is written. Returns the file names written.
+    """
+    sizes = {name: torch.empty(plan.tensors[name].shape, dtype=dtype_of(name), device="meta") for name in names}
+    split = split_torch_state_dict_into_shards(sizes, max_shard_size=max_shard_size)
+    written = []
+    shards = tqdm(split.filename_to_tensors.items(), desc="writing shards", unit="shard", disable=None)
+    for filename, shard_names in shards:
+        tensors = {name: plan.tensors[name].materialize(dtype_of(name)) for name in shard_names}
+        save_file(tensors, folder / filename, metadata={"format": "pt"})
+        written.append(filename)
+        del tensors
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        written.append("model.safetensors.index.json")
+    return written
+
+
+def summarize_ignored(ignored: list[tuple[str, str, str]], limit: int = 6) -> list[str]:
+    """One line per (file, reason): the keys not loaded, the first few by name."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for origin, what, why in ignored:
+        grouped.setdefault((origin, why), []).append(what)
+    lines = []
+    for (origin, why), keys in grouped.items():
+        shown = ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+        lines.append(f"{origin}: not loaded ({why}): {shown}")
+    return lines
