@@ -18,16 +18,23 @@ import sys
 from stage2_data import DEFAULT_STEPS, STEPS, BuildConfig, DescribeSettings, RefinerSetupError, parse_steps, run
 
 
+def steps_flag(text: str) -> tuple[str, ...]:
+    try:
+        return parse_steps(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def flag(name: str, **kwargs):
         """Each flag also answers to its underscore spelling (`--work_dir`), as scripts/train.py's flags do."""
-        names = [name] + ([name.replace("-", "_")] if "-" in name[2:] else [])
+        names = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
         return kwargs.pop("group", parser).add_argument(*names, **kwargs)
 
     flag("--work-dir", required=True, help="Folder for the journals (describe/refine/filter.jsonl) and review.tsv.")
-    flag("--steps", type=parse_steps, default=DEFAULT_STEPS,
+    flag("--steps", type=steps_flag, default=DEFAULT_STEPS,
          help=f"Comma-separated subset of {','.join(STEPS)}, run in that order (default: all but review).")
     flag("--images", help="Folder of source images (the id of each is its file name without extension).")
     flag("--max-images", type=int, help="Use only the first N images (sorted by name).")
@@ -101,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RefinerSetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("Interrupted. Finished items are saved in the work folder; run the same command to continue.",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -160,20 +160,23 @@ class WorkDirLock:
         self._handle = None
 
     def __enter__(self) -> "WorkDirLock":
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock
+            return self
         self._handle = open(self.path, "w")
         try:
             fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._handle.close()
-            raise RuntimeError(
+            raise ValueError(
                 f"Another build is running in {self.path.parent}; wait for it to finish or use another --work-dir."
             ) from None
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,7 +199,7 @@ def find_images(folder: str | os.PathLike, max_images: int | None = None) -> lis
             raise ValueError(
                 f"{images[path.stem].name} and {path.name} would both get the image id {path.stem!r}; rename one."
             )
-        images[path.stem] = path
+        images[path.stem] = path.resolve()  # absolute: later steps may run from another folder
     if not images:
         raise ValueError(
             f"No images in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} files directly in it)."
@@ -237,7 +240,7 @@ def load_stage1_model(model_path: str, device: str | None = None, dtype: str = "
         dtype = "float16" if device.startswith("cuda") else "float32"
     try:
         model = MiniGPT4ForConditionalGeneration.from_pretrained(model_path, dtype=getattr(torch, dtype))
-        processor = MiniGPT4Processor.from_pretrained(model_path)
+        processor = MiniGPT4Processor.from_pretrained(model_path, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise ValueError(
             f"Could not load a MiniGPT-4 model and processor from --model {model_path}: {error}. Give a folder "
@@ -369,7 +372,7 @@ class OpenAIChatRefiner:
             raise ValueError(f"--refiner-url must be an http(s) URL, got {url!r}.")
         self.url = chat_completions_url(url)
         self.model = model
-        self._api_key = api_key or None
+        self._api_key = (api_key or "").strip() or None  # a stray newline from a key file would break the header
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
@@ -402,7 +405,10 @@ class OpenAIChatRefiner:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     raw = response.read()
             except urllib.error.HTTPError as error:
-                detail = self._redact(error.read()[:300].decode("utf-8", "replace"))
+                try:
+                    detail = self._redact(error.read()[:300].decode("utf-8", "replace"))
+                except (OSError, http.client.HTTPException):
+                    detail = "(no readable body)"
                 if error.code in (401, 403):
                     raise RefinerSetupError(
                         f"The refiner endpoint {self.url} refused the request (HTTP {error.code}: {detail}). Check the "
@@ -839,18 +845,50 @@ def export_dataset(items: list[tuple[str, Path, str]], summary: dict, output_dir
     `output_dir/summary.json`. Everything is built in a temporary folder and then moved into place, so an interrupted
     export leaves the previous one whole. Returns the summary.
     """
-    import datasets
-
+    if not items:
+        raise ValueError(
+            "Nothing to export: no item is both finished and kept (see the counts above). Run the earlier steps "
+            "first, or look at the drop reasons in the work folder's filter.jsonl."
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = output_dir / f".export-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
+    try:
+        _write_export(items, summary, staging)
+        for name in ("cc_sbu_align", "hf_dataset", "summary.json"):
+            target = output_dir / name
+            if target.exists():
+                old = output_dir / f".old-{name}-{os.getpid()}"
+                os.replace(target, old)
+                os.replace(staging / name, target)
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            else:
+                os.replace(staging / name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    if push_to_hub:
+        push_dataset_to_hub(output_dir, push_to_hub, private=private)
+    return summary
+
+
+def _write_export(items: list[tuple[str, Path, str]], summary: dict, staging: Path) -> None:
+    """Writes the three export parts into `staging`."""
+    import datasets
+
     align_dir = staging / "cc_sbu_align"
     (align_dir / "image").mkdir(parents=True)
     annotations = []
     for image_id, image_path, caption in tqdm(items, desc="export", unit="image"):
-        _write_jpeg(image_path, align_dir / "image" / f"{image_id}.jpg")
+        try:
+            _write_jpeg(image_path, align_dir / "image" / f"{image_id}.jpg")
+        except OSError as error:
+            raise ValueError(
+                f"Cannot read the image of item {image_id!r} ({image_path}): {error}. Was it moved since the describe "
+                "step? Put it back, or drop the item with a review file."
+            ) from None
         annotations.append({"image_id": image_id, "caption": caption})
     (align_dir / "filter_cap.json").write_text(
         json.dumps({"annotations": annotations}, ensure_ascii=False, indent=1), encoding="utf-8"
@@ -866,29 +904,11 @@ def export_dataset(items: list[tuple[str, Path, str]], summary: dict, output_dir
             yield {"image_id": annotation["image_id"], "caption": annotation["caption"],
                    "image": {"bytes": (align_dir / "image" / name).read_bytes(), "path": name}}
 
-    if annotations:
-        dataset = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(staging / "cache"))
-    else:
-        dataset = datasets.Dataset.from_dict({"image_id": [], "image": [], "caption": []}, features=features)
+    dataset = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(staging / "cache"))
     dataset.save_to_disk(str(staging / "hf_dataset"))
     del dataset
     shutil.rmtree(staging / "cache", ignore_errors=True)
     (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-
-    for name in ("cc_sbu_align", "hf_dataset", "summary.json"):
-        target = output_dir / name
-        if target.exists():
-            old = output_dir / f".old-{name}-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(staging / name, target)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(staging / name, target)
-    shutil.rmtree(staging)
-
-    if push_to_hub:
-        push_dataset_to_hub(output_dir, push_to_hub, private=private)
-    return summary
 
 
 def push_dataset_to_hub(output_dir: Path, repo_id: str, private: bool = False) -> None:
@@ -1029,7 +1049,7 @@ def run(config: BuildConfig) -> dict | None:
         if "export" in config.steps:
             items, summary = final_items(described, refined, filtered, decisions,
                                          [image_id for image_id, _ in images] if images else None)
-            export_dataset(items, summary, config.output_dir, config.push_to_hub, config.private)
             print(format_summary(summary))
+            export_dataset(items, summary, config.output_dir, config.push_to_hub, config.private)
             logger.info("export: wrote %s (cc_sbu_align/, hf_dataset/, summary.json)", config.output_dir)
     return summary
