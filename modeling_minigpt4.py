@@ -8,6 +8,7 @@ Parameter names follow transformers' BLIP-2 (`vision_model.*`, `query_tokens`, `
 `language_model.*`), so BLIP-2 weights load one to one.
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -75,18 +76,32 @@ class StopOnTokenSequences(StoppingCriteria):
 
     def __init__(self, stop_token_ids: list[list[int]]):
         self.stop_token_ids = [list(ids) for ids in stop_token_ids]
-        self._stop_tensors: dict[torch.device, list[torch.Tensor]] = {}
+        self._stop_tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _stop_matrix(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The sequences right-aligned in one matrix, built once per device.
+
+        Returns:
+            `(stops, wildcard)`, both of shape `(num_sequences, longest_sequence)`: the ids (-1 where a shorter
+            sequence has no token) and `True` where a position matches anything.
+        """
+        if device not in self._stop_tensors:
+            longest = max(len(ids) for ids in self.stop_token_ids)
+            stops = torch.full((len(self.stop_token_ids), longest), -1, dtype=torch.long)
+            for row, ids in enumerate(self.stop_token_ids):
+                stops[row, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            wildcard = torch.arange(longest) < longest - torch.tensor([[len(ids)] for ids in self.stop_token_ids])
+            self._stop_tensors[device] = (stops.to(device), wildcard.to(device))
+        return self._stop_tensors[device]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        stops = self._stop_tensors.get(input_ids.device)
-        if stops is None:
-            stops = [torch.tensor(ids, device=input_ids.device) for ids in self.stop_token_ids]
-            self._stop_tensors[input_ids.device] = stops
-        is_done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for stop in stops:
-            if input_ids.shape[1] >= stop.numel():
-                is_done |= (input_ids[:, -stop.numel() :] == stop).all(dim=-1)
-        return is_done
+        # One comparison for all sequences: it runs at every generated token, so it stays a few tensor ops.
+        stops, wildcard = self._stop_matrix(input_ids.device)
+        tail = input_ids[:, -stops.shape[1] :]  # (batch_size, longest)
+        if tail.shape[1] < stops.shape[1]:
+            tail = nn.functional.pad(tail, (stops.shape[1] - tail.shape[1], 0), value=-1)
+        return ((tail.unsqueeze(1) == stops) | wildcard).all(dim=-1).any(dim=-1)
 
 
 class MiniGPT4PreTrainedModel(PreTrainedModel):
@@ -187,6 +202,10 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
     # ----------------------------------------------------------------------------------------------------------------
     # The data path.
 
+    # Frozen vision model and Q-Former run without autograd while training; `False` runs them under the caller's grad
+    # mode (the plain way, for measuring what this saves: scripts/benchmark.py).
+    frozen_encoders_without_grad: bool = True
+
     def get_image_features(
         self, pixel_values: torch.FloatTensor, return_dict: bool = False, **kwargs
     ) -> torch.FloatTensor | MiniGPT4ImageFeaturesOutput:
@@ -203,7 +222,9 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
             `torch.FloatTensor` of shape `(num_images, num_query_tokens, text_hidden_size)`: the projected features.
         """
         # The frozen parts before the projection need no autograd graph (unless a caller wants pixel gradients).
-        track_vision = _requires_grad(self.vision_model) or pixel_values.requires_grad
+        track_vision = (
+            not self.frozen_encoders_without_grad or _requires_grad(self.vision_model) or pixel_values.requires_grad
+        )
         track_qformer = track_vision or _requires_grad(self.qformer) or self.query_tokens.requires_grad
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and track_vision):
@@ -349,6 +370,10 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
             attentions=outputs.attentions,
             image_features=image_features,
         )
+
+    # Registered for the Auto classes, this model counts as remote code, for which `generate` re-reads the forward
+    # signature at every token (`prepare_inputs_for_generation`); computing it once keeps that off the token loop.
+    forward.__signature__ = inspect.signature(forward)
 
     def _check_context_length(self, sequence_length: int, cache: Cache | None) -> None:
         max_positions = getattr(self.config.text_config, "max_position_embeddings", None)

@@ -41,6 +41,8 @@ setup(
             # tests/test_demo.py drives the demo in Debian's chromium (apt-get install chromium).
             "gradio>=6,<7",
             "playwright>=1.40",
+            # tests/test_benchmark.py runs scripts/benchmark.py, which plots tokens/s against batch size.
+            "matplotlib>=3.8",
         ],
     },
 )
