@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """
 Speed and memory of MiniGPT-4 on random weights of a named size, against the plain way of running it, with pass/fail
-for the targets of issue 7 (see docs/readme/performance.md and scripts/benchmarking.py for what each case measures).
+for the targets of issue 7 (see the README's "Performance" section and scripts/benchmarking.py for what each case measures).
 
     python scripts/benchmark.py --size small --json benchmark-small.json          # + benchmark-small.png
     python scripts/benchmark.py --size tiny --repeats 1 --json /tmp/tiny.json     # a quick check

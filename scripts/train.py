@@ -6,7 +6,7 @@ Two-stage MiniGPT-4 training with the stock transformers `Trainer`.
 
 `--stage 1` / `--stage 2` fill in the original recipe (see `training_data.STAGE_PRESETS`); any flag given on the
 command line wins over the preset. The same command runs under `torchrun`, `accelerate launch` and DeepSpeed
-(`--deepspeed scripts/ds_zero2.json`). See docs/readme/training.md.
+(`--deepspeed scripts/ds_zero2.json`). See the README's "Fine-tune on your own images" section.
 """
 
 import argparse
