@@ -327,14 +327,20 @@ def test_overwrite_replaces_an_existing_output_folder(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
-def test_vicuna_v0_tokenizer_with_added_pad_token_converts(tmp_path):
-    # Vicuna v0 = LLaMA's vocabulary + '[PAD]': the embedding has one more row, the tokenizer one added token.
+def llm_folder_with_one_more_embedding_row(tmp_path):
+    """A copy of the fixture's LLM folder whose embedding and head have one more row (as Vicuna v0's 32001)."""
     llm = copied_llm_folder(tmp_path)
     state = load_source(llm / "pytorch_model.bin")
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         state[key] = torch.cat([state[key], torch.zeros(1, 64)])
     (llm / "pytorch_model.bin").unlink()
     torch.save(state, llm / "pytorch_model.bin")
+    return llm
+
+
+def test_vicuna_v0_tokenizer_with_added_pad_token_converts(tmp_path):
+    # Vicuna v0 = LLaMA's vocabulary + '[PAD]': the embedding has one more row, the tokenizer one added token.
+    llm = llm_folder_with_one_more_embedding_row(tmp_path)
     (llm / "added_tokens.json").write_text(json.dumps({"[PAD]": 1000}))
     output_dir = tmp_path / "out"
     assert convert_main(fixture_argv(output_dir, {"--llm": llm})) == 0
@@ -626,12 +632,7 @@ def test_projection_of_another_width_than_the_language_model_is_refused(output_p
 
 def test_tokenizer_that_does_not_fit_the_embedding_rows_is_refused(output_parent, capsys, tmp_path):
     # The tiny analogue of Vicuna v0 weights (32001 rows) with a v1.1 / LLaMA tokenizer (32000 tokens).
-    llm = copied_llm_folder(tmp_path)
-    state = load_source(llm / "pytorch_model.bin")
-    for key in ("model.embed_tokens.weight", "lm_head.weight"):
-        state[key] = torch.cat([state[key], torch.zeros(1, 64)])
-    (llm / "pytorch_model.bin").unlink()
-    torch.save(state, llm / "pytorch_model.bin")
+    llm = llm_folder_with_one_more_embedding_row(tmp_path)
     assert_refused(fixture_argv(output_parent / "out", {"--llm": llm}), output_parent, capsys,
                    f"--llm {llm}: the tokenizer has 1000 tokens but the embedding ('model.embed_tokens.weight' in "
                    f"--llm {llm} (pytorch_model.bin)) has 1001 rows", "Vicuna v0", "32001")
