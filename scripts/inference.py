@@ -6,13 +6,11 @@ Scripts import it as `from inference import ...` (scripts/ is on `sys.path` when
 """
 
 import argparse
-import contextlib
-import logging
 import sys
 import threading
 from collections.abc import Callable, Iterator
 
-from minigpt4_common import REPO_ROOT  # noqa: F401  (puts the repo root on sys.path)
+from minigpt4_common import generate_answers, load_model_and_processor as load_saved_model
 
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
@@ -238,35 +236,12 @@ def load_model_and_processor(args: argparse.Namespace) -> tuple[MiniGPT4ForCondi
         load_kwargs["quantization_config"] = quantization_config
 
     try:
-        # This checkout's classes load the folder; its copied remote code is neither run nor asked about.
-        with _without_config_type_warning():
-            processor = MiniGPT4Processor.from_pretrained(args.model, trust_remote_code=False)
-        model = MiniGPT4ForConditionalGeneration.from_pretrained(args.model, **load_kwargs)
-    except (OSError, ValueError) as error:
-        raise UserError(f"Could not load a MiniGPT-4 model and processor from {args.model!r}: {error}") from None
+        model, processor = load_saved_model(args.model, **load_kwargs)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     if "device_map" not in load_kwargs:
         model.to(device)
-    model.eval()
     return model, processor
-
-
-class _DropConfigTypeWarning(logging.Filter):
-    """AutoTokenizer reads config.json as a bare config to find the tokenizer class, and warns that "minigpt4" is
-    not "" (harmless: the tokenizer class comes from tokenizer_config.json)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "to instantiate a model of type ``" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _without_config_type_warning():
-    config_logger = logging.getLogger("transformers.configuration_utils")
-    drop = _DropConfigTypeWarning()
-    config_logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        config_logger.removeFilter(drop)
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -291,18 +266,13 @@ def user_message(text: str | None = None, with_image: bool = True) -> dict:
     return {"role": "user", "content": content}
 
 
-@torch.inference_mode()
 def answer_batch(model, processor, images: list, question: str, generation_kwargs: dict) -> list[str]:
     """
     Answers one question about each image, in one left-padded batch. Images are PIL images (or anything
     `load_rgb_image` takes). Returns one answer per image, post-processed as the original chat did.
     """
     prompt = processor.apply_chat_template([user_message(question)], add_generation_prompt=True)
-    inputs = processor(
-        images=list(images), text=[prompt] * len(images), padding_side="left", return_tensors="pt"
-    ).to(input_device(model))
-    generated = model.generate(**inputs, **generation_kwargs)
-    return processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])
+    return generate_answers(model, processor, images, [prompt] * len(images), **generation_kwargs)
 
 
 class _StopWhenCancelled(StoppingCriteria):

@@ -55,6 +55,35 @@ MODEL_SIZES = {
 }
 
 
+def load_model_and_processor(model_path: str | os.PathLike, **from_pretrained_kwargs):
+    """
+    A saved MiniGPT-4 (`save_pretrained` folder or Hub id) and its processor, loaded with this checkout's classes
+    (the code copied into the folder is neither run nor asked about). `from_pretrained_kwargs` go to the model
+    (`dtype`, `device_map`, `quantization_config`, ...). Returns `(model, processor)`, the model in eval mode.
+    """
+    try:
+        processor = MiniGPT4Processor.from_pretrained(model_path)
+        model = MiniGPT4ForConditionalGeneration.from_pretrained(model_path, **from_pretrained_kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Could not load a MiniGPT-4 model and processor from {str(model_path)!r}: {error}. Give a folder "
+            "written by save_pretrained (or by scripts/train.py / convert_original_checkpoint.py) or a Hub id."
+        ) from None
+    return model.eval(), processor
+
+
+@torch.inference_mode()
+def generate_answers(model, processor, images: list, prompts: list[str], **generation_kwargs) -> list[str]:
+    """
+    One left-padded batched `generate` call, one image per prompt; returns each row's answer as the original chat
+    post-processed it (new tokens only, cut at `###`).
+    """
+    inputs = processor(images=list(images), text=list(prompts), padding_side="left", return_tensors="pt")
+    inputs = inputs.to(model.get_input_embeddings().weight.device)
+    generated = model.generate(**inputs, **generation_kwargs)
+    return processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])
+
+
 def build_random_model(size: str = "tiny", tokenizer_dir: str | os.PathLike = TINY_TOKENIZER_DIR, seed: int = 0,
                        **config_overrides):
     """

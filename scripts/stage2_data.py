@@ -231,29 +231,19 @@ def load_stage1_model(model_path: str, device: str | None = None, dtype: str = "
     """Loads a saved MiniGPT-4 (`save_pretrained` folder or Hub id) and its processor, in eval mode on `device`."""
     import torch
 
-    import minigpt4_common  # noqa: F401  (puts the repo root on sys.path)
-    from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
-    from processing_minigpt4 import MiniGPT4Processor
+    from minigpt4_common import load_model_and_processor
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
-    try:
-        model = MiniGPT4ForConditionalGeneration.from_pretrained(model_path, dtype=getattr(torch, dtype))
-        processor = MiniGPT4Processor.from_pretrained(model_path, trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"Could not load a MiniGPT-4 model and processor from --model {model_path}: {error}. Give a folder "
-            "written by save_pretrained (e.g. by scripts/train.py --stage 1) or a Hub id."
-        ) from None
-    return model.to(device).eval(), processor
+    model, processor = load_model_and_processor(model_path, dtype=getattr(torch, dtype))
+    return model.to(device), processor
 
 
 def generate_answers(model, processor, images: list, prompts: list[str], settings: DescribeSettings) -> list[str]:
-    """One batched `generate` call; returns each row's answer text (left padding, stop at `###`)."""
-    import torch
+    """One batched `generate` call with the describe settings; returns each row's answer text."""
+    from minigpt4_common import generate_answers as generate_batch
 
-    inputs = processor(images=images, text=prompts, padding_side="left", return_tensors="pt").to(model.device)
     options = dict(
         max_new_tokens=settings.max_new_tokens,
         num_beams=settings.num_beams,
@@ -263,9 +253,7 @@ def generate_answers(model, processor, images: list, prompts: list[str], setting
     )
     if settings.do_sample:
         options.update(temperature=settings.temperature, top_p=settings.top_p)
-    with torch.inference_mode():
-        generated = model.generate(**inputs, **options)
-    return processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])
+    return generate_batch(model, processor, images, prompts, **options)
 
 
 def describe_images(model, processor, images: list[tuple[str, Path]], journal: Journal,

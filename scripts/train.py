@@ -22,9 +22,7 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-import minigpt4_common  # noqa: F401  (puts the repository root on sys.path)
-from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
-from processing_minigpt4 import MiniGPT4Processor
+from minigpt4_common import load_model_and_processor
 from training_data import (
     ALIGNMENT_PROMPTS,
     IMAGE_TRANSFORMS,
@@ -195,9 +193,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     # Seeded before the model is prepared: LoRA's initialisation draws from the global generator.
     transformers.set_seed(training_args.seed)
 
-    # trust_remote_code=False: the local classes are used; without it the tokenizer lookup asks about remote code.
-    processor = MiniGPT4Processor.from_pretrained(model_args.model_name_or_path, trust_remote_code=False)
-    model = MiniGPT4ForConditionalGeneration.from_pretrained(
+    model, processor = load_model_and_processor(
         model_args.model_name_or_path, dtype=MODEL_DTYPES[model_args.model_dtype]
     )
     freeze_flags = {name: getattr(model.config, name)
