@@ -189,7 +189,7 @@ def test_freezing_holds_after_from_pretrained(tiny_saved_dir):
 
 def test_activation_checkpointing_of_the_lm_still_trains_the_projection(tiny, example_image):
     model, processor = tiny
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()
     inputs = processor(images=[example_image], text=["<ImageHere>"], suffix=["an astronaut\n"], return_tensors="pt")
     model(**inputs).loss.backward()
