@@ -6,6 +6,7 @@ This processor builds the same ids, with each image a run of `num_query_tokens` 
 by the image features.
 """
 
+import io
 import os
 
 import numpy as np
@@ -130,19 +131,21 @@ def load_rgb_image(image):
     """
     Returns `image` as the original saw it: a PIL image made RGB with `convert("RGB")` (alpha dropped, not composited).
 
-    Accepts a PIL image, a file path, or a uint8 HxWxC array; float arrays and tensors pass through unchanged (they
-    are taken as RGB). 16-bit and float grey images are scaled to 8 bits first (PIL's own conversion would clip them).
+    Accepts a PIL image, a file path, encoded image bytes, or a uint8 HxWxC array; float arrays and tensors pass
+    through unchanged (they are taken as RGB). 16-bit and float grey images are scaled to 8 bits first (PIL's own
+    conversion would clip them).
     """
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
+    if isinstance(image, (str, os.PathLike, bytes, bytearray)):
+        encoded = isinstance(image, (bytes, bytearray))
+        source = "the image bytes" if encoded else os.fspath(image)
         try:
-            with Image.open(path) as opened:
+            with Image.open(io.BytesIO(image) if encoded else source) as opened:
                 opened.load()
                 image = opened.copy()
         except FileNotFoundError:
-            raise ValueError(f"Image file not found: {path}") from None
-        except (OSError, Image.DecompressionBombError, SyntaxError) as error:
-            raise ValueError(f"Could not read an image from {path}: {error}") from None
+            raise ValueError(f"Image file not found: {source}") from None
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+            raise ValueError(f"Could not read an image from {source}: {error}") from None
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim in (2, 3):
         image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
     if not isinstance(image, Image.Image):

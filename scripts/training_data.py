@@ -17,7 +17,6 @@ Data flow of one training sample:
 """
 
 import glob
-import io
 import json
 import logging
 import math
@@ -250,14 +249,7 @@ def open_image(value: Any, base_dir: str | os.PathLike | None = None) -> Image.I
         value = value.get("bytes") or value.get("path")
     if value is None:
         raise UnusableSampleError("the record has no image")
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            with Image.open(io.BytesIO(value)) as opened:
-                opened.load()
-                value = opened.copy()
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            raise UnusableSampleError(f"cannot decode the image bytes ({error})") from None
-    elif isinstance(value, (str, os.PathLike)):
+    if isinstance(value, (str, os.PathLike)):
         path = Path(value)
         if not path.is_absolute() and not path.exists() and base_dir is not None:
             path = Path(base_dir) / path

@@ -1,5 +1,6 @@
 """MiniGPT4Processor: the original's pixels, token ids, prompts and labels, and clear errors on bad input."""
 
+import io
 import json
 
 import numpy as np
@@ -257,6 +258,14 @@ def test_a_file_that_is_not_an_image_raises_naming_it(tiny_shared, tmp_path):
     bogus.write_text("not an image")
     with pytest.raises(ValueError, match="notes.jpg"):
         processor(images=str(bogus), text="<ImageHere>")
+
+
+def test_encoded_image_bytes_are_decoded_and_bad_bytes_raise():
+    buffer = io.BytesIO()
+    Image.new("RGBA", (3, 2), (1, 2, 3, 4)).save(buffer, format="PNG")
+    assert load_rgb_image(buffer.getvalue()).getpixel((0, 0)) == (1, 2, 3)
+    with pytest.raises(ValueError, match="Could not read an image from the image bytes"):
+        load_rgb_image(b"not an image")
 
 
 def test_a_missing_image_file_raises_naming_it(tiny_shared, tmp_path):
