@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 setup(
@@ -12,6 +12,20 @@ setup(
     license="BSD-3-Clause",
     python_requires=">=3.10",
     py_modules=["configuration_minigpt4", "modeling_minigpt4", "processing_minigpt4"],
+    packages=find_packages(include=["minigpt4_hf", "minigpt4_hf.*"]),
+    package_data={"minigpt4_hf": ["assets/*", "assets/tiny_tokenizer/*", "ds_zero2.json"]},
+    entry_points={
+        "console_scripts": [
+            "minigpt4-quickstart = minigpt4_hf.cli.quickstart:cli",
+            "minigpt4-convert = minigpt4_hf.cli.convert:cli",
+            "minigpt4-train = minigpt4_hf.cli.train:cli",
+            "minigpt4-chat = minigpt4_hf.cli.chat:cli",
+            "minigpt4-caption = minigpt4_hf.cli.caption:cli",
+            "minigpt4-demo = minigpt4_hf.cli.demo:cli",
+            "minigpt4-build-stage2-data = minigpt4_hf.cli.build_stage2_data:cli",
+            "minigpt4-benchmark = minigpt4_hf.cli.benchmark:cli",
+        ]
+    },
     install_requires=[
         "torch>=2.4",
         "transformers>=5.24,<6",

@@ -1,7 +1,6 @@
 """Shared test fixtures: tiny random MiniGPT-4 models built on the spot, the original-format fixture files."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,13 +10,11 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL_TINY = REPO_ROOT / "tests" / "fixtures" / "original_tiny"
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-sys.path.insert(0, str(REPO_ROOT))
 # Remote-code modules that tests load go to a throwaway cache, never to ~/.cache.
 os.environ.setdefault("HF_MODULES_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "minigpt4-test-modules"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from minigpt4_common import EXAMPLE_IMAGE, build_random_model  # noqa: E402
+from minigpt4_hf.random_models import EXAMPLE_IMAGE, build_random_model  # noqa: E402
 
 
 @pytest.fixture

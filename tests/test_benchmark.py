@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-from benchmark import main as benchmark_main
-from benchmarking import (
+from minigpt4_hf.cli.benchmark import main as benchmark_main
+from minigpt4_hf.benchmark import (
     TARGET_GOALS,
     PeakMemory,
     TokenClock,

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import build_stage2_data
-import stage2_data
-from stage2_data import (
+import minigpt4_hf.cli.build_stage2_data as build_stage2_data
+import minigpt4_hf.stage2_data as stage2_data
+from minigpt4_hf.stage2_data import (
     CONTINUE_PROMPT,
     DESCRIBE_PROMPT,
     FIX_PROMPT,
@@ -39,7 +39,7 @@ from stage2_data import (
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build_stage2_data.py"
-TINY_TOKENIZER = REPO_ROOT / "assets" / "tiny_tokenizer"
+TINY_TOKENIZER = REPO_ROOT / "minigpt4_hf" / "assets" / "tiny_tokenizer"
 
 ENGLISH = (
     "The image shows a small red house with a white door. There is a green lawn in front of the house, and a tall "
@@ -749,8 +749,7 @@ def exported_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("part", ["cc_sbu_align", "hf_dataset"])
 def test_the_export_trains_with_train_py_stage_2(exported_dir, tiny_saved_dir, tmp_path, part):
-    import train
-
+    import minigpt4_hf.cli.train as train
     result = train.main([
         "--stage", "2", "--model_name_or_path", str(tiny_saved_dir), "--data_path", str(exported_dir / part),
         "--output_dir", str(tmp_path / "stage2"), "--max_steps", "2", "--per_device_train_batch_size", "2",

@@ -10,9 +10,9 @@ import time
 import pytest
 from PIL import Image
 
-import caption
-from inference import UserError, answer_batch
-from minigpt4_common import REPO_ROOT
+import minigpt4_hf.cli.caption as caption
+from minigpt4_hf.inference import UserError, answer_batch
+from conftest import REPO_ROOT
 
 
 GREEDY = {"max_new_tokens": 5, "num_beams": 1, "do_sample": False, "repetition_penalty": 1.0}

@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import set_seed
 
-import chat
-import inference
-from inference import CHAT_GENERATION_DEFAULTS, Conversation, TextBeforeSeparator, UserError
-from minigpt4_common import EXAMPLE_IMAGE, REPO_ROOT
+import minigpt4_hf.cli.chat as chat
+import minigpt4_hf.inference as inference
+from minigpt4_hf.inference import CHAT_GENERATION_DEFAULTS, Conversation, TextBeforeSeparator, UserError
+from conftest import REPO_ROOT
+from minigpt4_hf.random_models import EXAMPLE_IMAGE
 from processing_minigpt4 import TURN_SEPARATOR
 
 

@@ -16,12 +16,12 @@ import sys
 import pytest
 import torch
 from conftest import ORIGINAL_TINY, REPO_ROOT
-from convert_original_checkpoint import main as convert_main
+from minigpt4_hf.cli.convert import main as convert_main
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError
-from minigpt4_common import EXAMPLE_IMAGE
-from model_card import default_base_models, language_model_name
-from original_checkpoints import (
+from minigpt4_hf.random_models import EXAMPLE_IMAGE
+from minigpt4_hf.model_card import default_base_models, language_model_name
+from minigpt4_hf.conversion import (
     KINDS,
     ConversionError,
     InputFile,
@@ -427,7 +427,7 @@ def test_blip2_hub_id_downloads_only_the_vision_and_qformer_shards(tmp_path, con
         shutil.copy(hub_dir / filename, snapshot / filename)
         return str(snapshot / filename)
 
-    monkeypatch.setattr("original_checkpoints.hf_hub_download", fake_download)
+    monkeypatch.setattr("minigpt4_hf.conversion.hf_hub_download", fake_download)
     output_dir = tmp_path / "out"
     argv = fixture_argv(output_dir, {"--vit-checkpoint": None, "--qformer-checkpoint": None,
                                      "--config-overrides": None, "--blip2": "someone/blip2-tiny"},
@@ -664,7 +664,7 @@ def test_unknown_override_field_is_refused(output_parent, capsys, tmp_path):
 def test_failure_while_writing_leaves_no_output_folder(output_parent, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
-    monkeypatch.setattr("convert_original_checkpoint.save_sharded_safetensors", disk_full)
+    monkeypatch.setattr("minigpt4_hf.cli.convert.save_sharded_safetensors", disk_full)
     with pytest.raises(OSError, match="No space left"):
         convert_main(fixture_argv(output_parent / "out"))
     assert list(output_parent.iterdir()) == []

@@ -12,8 +12,9 @@ import urllib.request
 import pytest
 from transformers import set_seed
 
-from inference import CHAT_GENERATION_DEFAULTS, Conversation
-from minigpt4_common import EXAMPLE_IMAGE, REPO_ROOT
+from minigpt4_hf.inference import CHAT_GENERATION_DEFAULTS, Conversation
+from conftest import REPO_ROOT
+from minigpt4_hf.random_models import EXAMPLE_IMAGE
 
 
 pytest.importorskip("gradio", reason="the demo needs gradio: pip install '.[demo]'")

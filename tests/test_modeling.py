@@ -148,7 +148,7 @@ def test_only_the_projection_trains_by_default(tiny_shared):
 
 
 def test_config_switches_unfreeze_each_part(tiny_shared):
-    from minigpt4_common import build_random_model
+    from minigpt4_hf.random_models import build_random_model
 
     model, _ = build_random_model("tiny", freeze_qformer=False, freeze_vision_model=False)
     names = trainable_names(model)

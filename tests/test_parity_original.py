@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ORIGINAL_TINY, REPO_ROOT
-from convert_original_checkpoint import main as convert_main
+from minigpt4_hf.cli.convert import main as convert_main
 from PIL import Image
-from training_data import clean_caption  # the shared blip_caption text processor (stage-1 captions)
+from minigpt4_hf.training import clean_caption  # the shared blip_caption text processor (stage-1 captions)
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 

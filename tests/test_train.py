@@ -17,11 +17,11 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-import train
+import minigpt4_hf.cli.train as train
 from conftest import ORIGINAL_TINY, REPO_ROOT
-from minigpt4_common import build_random_model
+from minigpt4_hf.random_models import build_random_model
 from PIL import Image
-from training_data import (
+from minigpt4_hf.training import (
     ALIGNMENT_PROMPTS,
     STAGE2_PROMPT_TEMPLATE,
     STAGE_PRESETS,
@@ -339,7 +339,7 @@ def test_command_line_flags_override_the_preset(model_dir, tmp_path):
 
 
 def test_deepspeed_zero2_config_leaves_optimizer_and_schedule_to_the_trainer():
-    config = json.loads((REPO_ROOT / "scripts" / "ds_zero2.json").read_text())
+    config = json.loads((REPO_ROOT / "minigpt4_hf" / "ds_zero2.json").read_text())
     assert config["zero_optimization"]["stage"] == 2
     assert "optimizer" not in config and "scheduler" not in config
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):

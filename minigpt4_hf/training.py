@@ -36,7 +36,6 @@ from PIL import Image
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-import minigpt4_common  # noqa: F401  (puts the repository root on sys.path)
 from configuration_minigpt4 import DEFAULT_IMAGE_TOKEN
 from processing_minigpt4 import load_rgb_image
 

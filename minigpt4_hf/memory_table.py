@@ -10,13 +10,12 @@ The models are built from their configs on the meta device: nothing is downloade
 
 import argparse
 
-from minigpt4_common import REPO_ROOT  # noqa: F401  (puts the repo root on sys.path)
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from configuration_minigpt4 import MiniGPT4Config  # noqa: E402
-from modeling_minigpt4 import MiniGPT4ForConditionalGeneration  # noqa: E402
+from configuration_minigpt4 import MiniGPT4Config
+from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
 
 
 # LLaMA-1 / Vicuna v0 sizes (the vision and Q-Former parts are MiniGPT4Config's defaults: EVA ViT-g/14, BLIP-2).

@@ -1,24 +1,19 @@
 """What several scripts share: building small random MiniGPT-4 models and loading a model + processor by flags."""
 
 import os
-import sys
 from pathlib import Path
 
+import torch
+from transformers import AutoTokenizer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # scripts run from a checkout without `pip install .` too
-    sys.path.insert(0, str(REPO_ROOT))
-
-import torch  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from configuration_minigpt4 import MiniGPT4Config  # noqa: E402
-from modeling_minigpt4 import MiniGPT4ForConditionalGeneration  # noqa: E402
-from processing_minigpt4 import MiniGPT4Processor, stop_token_ids_for  # noqa: E402
+from configuration_minigpt4 import MiniGPT4Config
+from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
+from processing_minigpt4 import MiniGPT4Processor, stop_token_ids_for
 
 
-TINY_TOKENIZER_DIR = REPO_ROOT / "assets" / "tiny_tokenizer"
-EXAMPLE_IMAGE = REPO_ROOT / "assets" / "example.jpg"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+TINY_TOKENIZER_DIR = ASSETS_DIR / "tiny_tokenizer"
+EXAMPLE_IMAGE = ASSETS_DIR / "example.jpg"
 
 # Named sizes of random models (the real MiniGPT-4 sizes are MiniGPT4Config's defaults).
 MODEL_SIZES = {

@@ -5,7 +5,6 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-import minigpt4_common  # noqa: F401  (puts the repo root on sys.path)
 import torch
 import transformers
 from huggingface_hub import ModelCard, ModelCardData

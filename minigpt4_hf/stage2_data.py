@@ -231,7 +231,7 @@ def load_stage1_model(model_path: str, device: str | None = None, dtype: str = "
     """Loads a saved MiniGPT-4 (`save_pretrained` folder or Hub id) and its processor, in eval mode on `device`."""
     import torch
 
-    from minigpt4_common import load_model_and_processor
+    from minigpt4_hf.random_models import load_model_and_processor
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
@@ -242,7 +242,7 @@ def load_stage1_model(model_path: str, device: str | None = None, dtype: str = "
 
 def generate_answers(model, processor, images: list, prompts: list[str], settings: DescribeSettings) -> list[str]:
     """One batched `generate` call with the describe settings; returns each row's answer text."""
-    from minigpt4_common import generate_answers as generate_batch
+    from minigpt4_hf.random_models import generate_answers as generate_batch
 
     options = dict(
         max_new_tokens=settings.max_new_tokens,
@@ -266,7 +266,6 @@ def describe_images(model, processor, images: list[tuple[str, Path]], journal: J
     """
     import torch
 
-    import minigpt4_common  # noqa: F401  (puts the repo root on sys.path)
     from processing_minigpt4 import load_rgb_image
 
     pending = [(image_id, path) for image_id, path in images if journal.records.get(image_id, {}).get("status") != "ok"]
@@ -814,7 +813,6 @@ def _write_jpeg(source: Path, target: Path) -> None:
     """Copies a JPEG as is; converts anything else to RGB JPEG (quality 95)."""
     from PIL import Image
 
-    import minigpt4_common  # noqa: F401  (puts the repo root on sys.path)
     from processing_minigpt4 import load_rgb_image
 
     with Image.open(source) as opened:

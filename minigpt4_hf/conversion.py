@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import minigpt4_common  # noqa: F401  (puts the repo root on sys.path)
 import torch
 from huggingface_hub import hf_hub_download, split_torch_state_dict_into_shards
 from huggingface_hub.errors import EntryNotFoundError

@@ -2,7 +2,6 @@
 What chat.py, caption.py and demo.py share: loading a model and processor from flags, generation flags with the
 original chat's defaults, and `Conversation`, the original `Chat` on top of `generate()` and the chat template.
 
-Scripts import it as `from inference import ...` (scripts/ is on `sys.path` when a script runs).
 """
 
 import argparse
@@ -10,10 +9,10 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
-from minigpt4_common import generate_answers, load_model_and_processor as load_saved_model
+from minigpt4_hf.random_models import generate_answers, load_model_and_processor as load_saved_model
 
-import torch  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from transformers import (
     BitsAndBytesConfig,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -21,8 +20,8 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-from modeling_minigpt4 import MiniGPT4ForConditionalGeneration  # noqa: E402
-from processing_minigpt4 import TURN_SEPARATOR, MiniGPT4Processor, load_rgb_image  # noqa: E402
+from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
+from processing_minigpt4 import TURN_SEPARATOR, MiniGPT4Processor, load_rgb_image
 
 
 # The original `Chat.answer` kept prompt + answer within 2,000 tokens (`max_length=2000`).

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from minigpt4_common import EXAMPLE_IMAGE, build_random_model  # also puts the repo root on sys.path
+from minigpt4_hf.random_models import EXAMPLE_IMAGE, build_random_model
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -380,7 +380,7 @@ def measure_loading(
     request = {"folder": str(folder), "warmup_folder": str(warmup_folder), "dtype": dtype, "repeats": repeats}
     environment = dict(os.environ, HF_MODULES_CACHE=str(modules_cache), TOKENIZERS_PARALLELISM="false")
     completed = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--loading-child", json.dumps(request)],
+        [sys.executable, "-m", "minigpt4_hf.benchmark", "--loading-child", json.dumps(request)],
         capture_output=True,
         text=True,
         env=environment,

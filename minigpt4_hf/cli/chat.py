@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""
+Chat with MiniGPT-4 about an image in the terminal: the original demo without the browser.
+
+    python scripts/chat.py --model PATH_OR_ID --image photo.jpg                      # interactive, streamed
+    python scripts/chat.py --model PATH_OR_ID --image photo.jpg --prompt "What is it?" # one answer on stdout
+
+Interactive mode reads questions from stdin, one a line (so it can be piped), and writes the answers to stdout as they
+are generated, one a line; notices and prompts go to stderr. Commands: /image FILE, /reset, /quit.
+"""
+
+import argparse
+import sys
+
+from minigpt4_hf.inference import (
+    ORIGINAL_CONTEXT_BUDGET,
+    Conversation,
+    UserError,
+    add_generation_arguments,
+    add_model_arguments,
+    generation_kwargs_from_args,
+    load_model_and_processor,
+    run_main,
+    seed_if_asked,
+)
+from processing_minigpt4 import load_rgb_image
+
+
+COMMANDS_HELP = (
+    "Commands: /image FILE (start over with another image), /reset (start over, same image), /quit. "
+    "Anything else is a question; Ctrl-C stops an answer."
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="chat.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--image", help="The image to talk about (interactive mode can load one with /image FILE).")
+    parser.add_argument(
+        "--prompt", help="Answer this one question about --image, print the answer alone on stdout and exit."
+    )
+    parser.add_argument(
+        "--max-context-tokens",
+        type=int,
+        default=ORIGINAL_CONTEXT_BUDGET,
+        help="Token budget of prompt + answer; older turns are dropped beyond it (default: the original's 2000).",
+    )
+    add_generation_arguments(parser, sample_by_default=True)
+    return parser.parse_args(argv)
+
+
+def read_image(path: str):
+    try:
+        return load_rgb_image(path)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def notice(message: str, end: str = "\n") -> None:
+    print(message, file=sys.stderr, end=end, flush=True)
+
+
+def answer_once(conversation: Conversation, image, question: str) -> int:
+    """`--prompt` mode: the answer alone on stdout."""
+    conversation.upload_image(image)
+    try:
+        conversation.ask(question)
+        answer = conversation.answer()
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    print(answer, flush=True)
+    return 0
+
+
+def stream_to_stdout(conversation: Conversation) -> None:
+    """Prints one answer as it is generated; Ctrl-C stops it (the partial answer stays in the history)."""
+    stream = conversation.stream_answer()
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        notice(" [stopped]", end="")
+    finally:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def run_command(conversation: Conversation, line: str) -> bool:
+    """Carries out one `/command`; returns False for /quit."""
+    command, _, argument = line.partition(" ")
+    argument = argument.strip().strip("'\"")
+    if command in ("/quit", "/exit", "/q"):
+        return False
+    if command == "/reset":
+        conversation.reset(keep_images=True)
+        notice("Conversation restarted." + (" Same image; ask a question." if conversation.images else ""))
+    elif command == "/image":
+        if not argument:
+            notice("Usage: /image FILE")
+            return True
+        try:
+            conversation.new_image(argument)
+        except ValueError as error:
+            notice(f"error: {error} (the conversation goes on as before)")
+            return True
+        notice(f"New image {argument}: conversation restarted. Ask a question.")
+    elif command == "/help":
+        notice(COMMANDS_HELP)
+    else:
+        notice(f"Unknown command {command}. {COMMANDS_HELP}")
+    return True
+
+
+def chat_interactively(conversation: Conversation, image, lines) -> int:
+    """The chat loop over `lines` (stdin): questions are answered, `/commands` carried out, EOF or /quit ends it."""
+    interactive = hasattr(lines, "isatty") and lines.isatty()
+    notice(COMMANDS_HELP)
+    if image is not None:
+        conversation.upload_image(image)
+        notice("Image loaded. Ask a question.")
+    else:
+        notice("No image yet: load one with /image FILE.")
+    while True:
+        if interactive:
+            notice("You: ", end="")
+        try:
+            line = lines.readline()
+        except KeyboardInterrupt:
+            notice("")
+            break
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not run_command(conversation, line):
+                break
+            continue
+        if not conversation.images:
+            notice("No image yet: load one with /image FILE first.")
+            continue
+        conversation.ask(line)
+        if interactive:
+            notice("MiniGPT-4: ", end="")
+        try:
+            stream_to_stdout(conversation)
+        except ValueError as error:  # the question cannot fit the context even alone
+            notice(f"error: {error}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.prompt is not None and args.image is None:
+        raise UserError("--prompt answers a question about an image: add --image FILE.")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty.")
+    image = read_image(args.image) if args.image is not None else None  # fail fast, before loading the model
+    model, processor = load_model_and_processor(args)
+    seed_if_asked(args)
+    conversation = Conversation(model, processor, generation_kwargs_from_args(args), args.max_context_tokens)
+    if args.prompt is not None:
+        return answer_once(conversation, image, args.prompt)
+    return chat_interactively(conversation, image, sys.stdin)
+
+
+
+def cli() -> None:
+    """Console entry point `minigpt4-chat`."""
+    run_main(main, "chat.py")
+
+
+if __name__ == "__main__":
+    cli()
