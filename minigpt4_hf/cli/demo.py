@@ -5,11 +5,15 @@ beam-search and temperature sliders, restart.
 
     pip install '.[demo]'
     python scripts/demo.py --model PATH_OR_ID                       # http://127.0.0.1:7860
-    python scripts/demo.py --model PATH_OR_ID --host 0.0.0.0 --port 8080 --load-in-8bit
+    python scripts/demo.py --model PATH_OR_ID --host 0.0.0.0 --port 8080 --max-queue-size 32
+
+Every browser session has its own conversation. One answer is generated at a time; the others wait in Gradio's queue
+(each sees its place in it), and beyond --max-queue-size waiting answers a new one is told the demo is busy.
 """
 
 import argparse
 import os
+import socket
 
 from minigpt4_hf.inference import (
     CHAT_GENERATION_DEFAULTS,
@@ -23,9 +27,13 @@ from minigpt4_hf.inference import (
     run_main,
     seed_if_asked,
 )
+from processing_minigpt4 import load_rgb_image
 
 
 TITLE = "# MiniGPT-4\nUpload an image, press **Upload & Start Chat**, then ask about it."
+DEFAULT_MAX_QUEUE_SIZE = 16
+# Every event that runs the model shares this Gradio concurrency group: one generation at a time per model.
+MODEL_CONCURRENCY_ID = "model"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,67 +41,142 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0: every interface).")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="Also open a public gradio.live link (as the original).")
-    parser.add_argument("--max-context-tokens", type=int, default=ORIGINAL_CONTEXT_BUDGET)
+    server = parser.add_argument_group("server")
+    server.add_argument(
+        "--host", default="127.0.0.1", help="Address to serve on (default 127.0.0.1; 0.0.0.0: every interface)."
+    )
+    server.add_argument("--port", type=int, default=7860, help="Port to serve on (default 7860).")
+    server.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=DEFAULT_MAX_QUEUE_SIZE,
+        help="Most answers that may wait for the model at once; beyond it a new one is told the demo is busy "
+        f"(default {DEFAULT_MAX_QUEUE_SIZE}).",
+    )
+    server.add_argument("--share", action="store_true", help="Also open a public gradio.live link (as the original).")
+    parser.add_argument(
+        "--max-context-tokens",
+        type=int,
+        default=ORIGINAL_CONTEXT_BUDGET,
+        help="Token budget of prompt + answer; older turns are dropped beyond it (default: the original's 2000).",
+    )
     add_generation_arguments(parser, sample_by_default=True)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_queue_size < 1:
+        parser.error(f"--max-queue-size must be at least 1, got {args.max_queue_size}")
+    return args
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raises `UserError` naming `--port` (or `--host`) when the server could not listen there."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise UserError(f"--host {host}: not an address of this machine ({error.strerror}).") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise UserError(
+                f"--port {port}: cannot listen on {host}:{port} ({error.strerror}); another program (or demo) uses "
+                "it. Pick another --port, or stop that program."
+            ) from None
+
+
+def display_text(text: str) -> str:
+    """A turn's text as the chat shows it: `<` and `>` escaped for Markdown, as the original `demo_v2.py` did."""
+    return text.replace("<", "\\<").replace(">", "\\>")
+
+
+def chat_history(conversation: Conversation | None, partial_answer: str | None = None) -> list[dict]:
+    """
+    What the chat window shows: the text turns of `conversation` (the image is in the image box), plus the answer
+    being streamed. The screen is always drawn from the model-side conversation, so the two cannot disagree.
+    """
+    history = []
+    for message in conversation.messages if conversation is not None else []:
+        text = "".join(part["text"] for part in message["content"] if part["type"] == "text")
+        if text:
+            history.append({"role": message["role"], "content": display_text(text)})
+    if partial_answer is not None:
+        history.append({"role": "assistant", "content": display_text(partial_answer)})
+    return history
 
 
 def build_demo(model, processor, generation_kwargs: dict | None = None, context_budget: int = ORIGINAL_CONTEXT_BUDGET):
-    """The Gradio app around a loaded model: one `Conversation` per browser session (in `gr.State`)."""
+    """
+    The Gradio app around a loaded model. Each browser session keeps its own `Conversation` in a `gr.State`; the
+    chat on screen is redrawn from it after every step. Serve it with `launch`, which sets up the queue.
+    """
     import gradio as gr
 
     generation_kwargs = dict(CHAT_GENERATION_DEFAULTS if generation_kwargs is None else generation_kwargs)
 
-    def upload_image(image, conversation):
-        if image is None:
-            return None, gr.update(interactive=True), gr.update(), conversation
-        conversation = Conversation(model, processor, generation_kwargs, context_budget, notify=gr.Info)
+    def new_conversation(image) -> Conversation:
+        conversation = Conversation(model, processor, generation_kwargs, context_budget, notify=gr.Warning)
         conversation.upload_image(image)
+        return conversation
+
+    def upload_image(upload: dict | None, conversation):
+        unchanged = (gr.update(), gr.update(), gr.update(), conversation, gr.update())
+        if upload is None:
+            gr.Warning("No image yet: drop one in the image box (or click it to pick a file), then press "
+                       "Upload & Start Chat.")
+            return unchanged
+        try:  # Gradio hands over the uploaded file untouched (preprocess=False): the one image opener reads it
+            image = load_rgb_image(upload["path"])
+        except ValueError as error:
+            gr.Warning(str(error).replace(upload["path"], upload.get("orig_name") or "the upload"))
+            return (gr.update(value=None), *unchanged[1:])
         return (
             gr.update(interactive=False),
             gr.update(value="Start Chatting", interactive=False),
             gr.update(interactive=True, placeholder="Type and press Enter"),
-            conversation,
+            new_conversation(image),
+            [],
         )
 
-    def ask(message, history, conversation):
+    def ask(message: str, conversation):
         if conversation is None:
-            return gr.update(value=message, placeholder="Upload an image first."), history, conversation
+            gr.Warning("Upload an image and press Upload & Start Chat first.")
+            return gr.update(value=message), chat_history(conversation)
         if not message.strip():
-            return gr.update(value="", placeholder="The question should not be empty!"), history, conversation
+            gr.Warning("The question is empty: type one, then press Enter.")
+            return gr.update(value=""), chat_history(conversation)
         if conversation.has_pending_question():
-            gr.Info("Wait for the current answer before asking again.")
-            return gr.update(value=message), history, conversation
+            gr.Warning("Wait for the current answer before asking again.")
+            return gr.update(value=message), chat_history(conversation)
         conversation.ask(message)
-        return "", history + [{"role": "user", "content": message}], conversation
+        return "", chat_history(conversation)
 
-    def answer(history, conversation, num_beams, temperature):
-        if conversation is None or not history or history[-1]["role"] != "user":
-            yield history, conversation
+    def answer(conversation, num_beams, temperature):
+        if conversation is None or not conversation.has_pending_question():
+            yield chat_history(conversation), gr.update()
             return
+        question = conversation.messages[-1]["content"][-1]["text"]
         overrides = {"num_beams": int(num_beams)}
         if generation_kwargs.get("do_sample", True):
             overrides["temperature"] = float(temperature)
-        history = history + [{"role": "assistant", "content": ""}]
         streamed = ""
         try:
             for piece in conversation.stream_answer(**overrides):
                 streamed += piece
-                history[-1] = {"role": "assistant", "content": streamed}
-                yield history, conversation
-        except ValueError as error:  # the question alone does not fit the context
-            history[-1] = {"role": "assistant", "content": f"(error: {error})"}
-            yield history, conversation
+                yield chat_history(conversation, partial_answer=streamed), gr.update()
+        except ValueError as error:  # the question alone does not fit the context: it is withdrawn, give it back
+            gr.Warning(str(error))
+            yield chat_history(conversation), gr.update(value=question)
             return
-        history[-1] = {"role": "assistant", "content": conversation.messages[-1]["content"][0]["text"]}
-        yield history, conversation
+        yield chat_history(conversation), gr.update()
 
-    def restart(conversation):
-        if conversation is not None:
-            conversation.reset()
+    def clear_chat(conversation):
+        """The chat's own Clear button: same image, no turns (a fresh conversation, so a cancelled answer that
+        finishes late lands in the old one)."""
+        return None if conversation is None or not conversation.images else new_conversation(conversation.images[0])
+
+    def restart():
         return (
             [],
             None,
@@ -106,7 +189,7 @@ def build_demo(model, processor, generation_kwargs: dict | None = None, context_
         gr.Markdown(TITLE)
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="pil", label="Image")
+                image = gr.Image(type="filepath", image_mode=None, label="Image", elem_id="image")
                 upload_button = gr.Button("Upload & Start Chat", variant="primary")
                 restart_button = gr.Button("Restart")
                 num_beams = gr.Slider(1, 10, value=generation_kwargs.get("num_beams", 1), step=1,
@@ -119,20 +202,43 @@ def build_demo(model, processor, generation_kwargs: dict | None = None, context_
                 question = gr.Textbox(label="User", placeholder="Upload an image first.", interactive=False,
                                       elem_id="question")
 
+        # Every step goes through Gradio's queue (that is what shows its messages); the light ones never wait
+        # (no concurrency limit), an upload decodes one image at a time, and answers take turns on the model.
         upload_button.click(
-            upload_image, [image, conversation_state], [image, upload_button, question, conversation_state]
+            upload_image, [image, conversation_state], [image, upload_button, question, conversation_state, chatbot],
+            preprocess=False, api_name="upload_image",
         )
-        question.submit(ask, [question, chatbot, conversation_state], [question, chatbot, conversation_state]).then(
-            answer, [chatbot, conversation_state, num_beams, temperature], [chatbot, conversation_state]
+        answer_event = question.submit(
+            ask, [question, conversation_state], [question, chatbot], concurrency_limit=None, api_name="ask"
+        ).then(
+            answer, [conversation_state, num_beams, temperature], [chatbot, question], api_name="answer",
+            concurrency_limit=1, concurrency_id=MODEL_CONCURRENCY_ID, show_progress_on=[chatbot],
         )
+        chatbot.clear(clear_chat, [conversation_state], [conversation_state], cancels=[answer_event],
+                      concurrency_limit=None, api_name="clear")
         restart_button.click(
-            restart, [conversation_state], [chatbot, conversation_state, image, question, upload_button], queue=False
+            restart, None, [chatbot, conversation_state, image, question, upload_button], cancels=[answer_event],
+            concurrency_limit=None, api_name="restart",
         )
     return demo
 
 
+def launch(demo, host: str = "127.0.0.1", port: int = 7860, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+           share: bool = False, block: bool = True):
+    """Serves `demo` with Gradio's queue: at most `max_queue_size` answers wait, one runs at a time per model."""
+    demo.queue(max_size=max_queue_size, default_concurrency_limit=1)
+    try:
+        return demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+                           show_error=True)
+    except OSError as error:  # the port was taken between the check and the launch
+        if "port" not in str(error):
+            raise
+        raise UserError(f"--port {port}: cannot listen on {host}:{port}; pick another --port.") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_port_free(args.host, args.port)  # before gradio and the model load
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         import gradio  # noqa: F401
@@ -141,9 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = load_model_and_processor(args)
     seed_if_asked(args)
     demo = build_demo(model, processor, generation_kwargs_from_args(args), args.max_context_tokens)
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    launch(demo, args.host, args.port, args.max_queue_size, share=args.share)
     return 0
-
 
 
 def cli() -> None:
