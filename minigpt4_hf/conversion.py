@@ -792,7 +792,9 @@ def detect_variant(plan: ConversionPlan, has_lora: bool, requested: str | None =
             f"{plan.tensors['language_projection.weight'].describe()} has shape {list(projection_shape)}: its input "
             f"width {in_features} fits no MiniGPT bridge: neither the Q-Former width {qformer_width} (MiniGPT-4 with "
             f"Vicuna) nor {merge} x the ViT width {vit_width} = {merge * vit_width} (MiniGPT-4 with Llama-2, "
-            "MiniGPT-v2). The projection and the ViT file do not belong together."
+            "MiniGPT-v2). The projection and the ViT file do not belong together"
+            + ("." if "query_tokens" in plan.tensors else
+               ", or it is MiniGPT-4 with Vicuna with a Q-Former of another width: pass --qformer-checkpoint too.")
         )
     if requested is None:
         return detected

@@ -41,7 +41,7 @@ class Variant:
 
     name: str
     projection_file: str
-    converter_flags: tuple[str, ...]
+    converter_flags: tuple[tuple[str, str], ...]  # beyond the input files
     training_file: str  # expected/<file>.pt
     training_section: str  # expected.json section, also the prefix of the .pt keys
     gradients_in_train_mode: bool  # v2 recorded them in eval mode (LoRA dropout off)
@@ -56,24 +56,30 @@ class Variant:
     def expected_json(self) -> dict:
         return json.loads((self.folder / "expected" / "expected.json").read_text())
 
-    def convert(self, output_dir: Path, *flags: str) -> Path:
+    def argv(self, output_dir: Path, replace: dict | None = None, extra: tuple = ()) -> list[str]:
+        """The converter's arguments for this fixture set; `replace` swaps (or, with None, drops) flags."""
         weights = self.folder / "weights"
-        assert convert_main([
-            "--vit-checkpoint", str(weights / "eva_vit_g.pth"),
-            "--llm", str(weights / "llama2_chat_tiny"),
-            "--projection-checkpoint", str(weights / self.projection_file),
-            "--config-overrides", str(FIXTURES / f"original_tiny_{self.name}_overrides.json"),
-            "--dtype", "float32",
-            "--output-dir", str(output_dir),
-            *self.converter_flags, *flags,
-        ]) == 0
+        flags = {
+            "--vit-checkpoint": weights / "eva_vit_g.pth",
+            "--llm": weights / "llama2_chat_tiny",
+            "--projection-checkpoint": weights / self.projection_file,
+            "--config-overrides": FIXTURES / f"original_tiny_{self.name}_overrides.json",
+            "--dtype": "float32",
+            **dict(self.converter_flags),
+            "--output-dir": output_dir,
+            **(replace or {}),
+        }
+        return [item for flag, value in flags.items() if value is not None for item in (flag, str(value))] + list(extra)
+
+    def convert(self, output_dir: Path, *extra: str) -> Path:
+        assert convert_main(self.argv(output_dir, extra=extra)) == 0
         return output_dir
 
 
 VARIANTS = {
     "llama2": Variant("llama2", "pretrained_minigpt4_llama2_7b.pth", (), "train_stage2.pt", "stage2_loss", True),
     # The tiny LoRA has rank 4 and alpha 1 (scaling 0.25, as the released r 64 / alpha 16).
-    "v2": Variant("v2", "minigptv2_checkpoint.pth", ("--lora-alpha", "1"), "train_finetune.pt", "finetune_loss",
+    "v2": Variant("v2", "minigptv2_checkpoint.pth", (("--lora-alpha", "1"),), "train_finetune.pt", "finetune_loss",
                   False),
 }
 
