@@ -4,18 +4,22 @@ conversation per browser session, Clear and Restart, refusals, dropped turns, th
 process (one per module fixture), around the shared tiny model.
 """
 
+import io
 import os
 import re
 import shutil
 import socket
 import threading
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from minigpt4_hf.cli import demo
 from minigpt4_hf.inference import Conversation, UserError
-from minigpt4_hf.random_models import EXAMPLE_IMAGE
+from minigpt4_hf.random_models import EXAMPLE_IMAGE, build_random_model
+from processing_minigpt4 import format_box, load_rgb_image
 
 
 pytest.importorskip("gradio", reason="the demo needs gradio: pip install '.[demo]'")
@@ -66,6 +70,24 @@ class GatedModel:
         if not self.gate.wait(timeout=WAIT_MS / 1000):
             raise TimeoutError("the test never opened the gate")
         return self.model.generate(*args, **kwargs)
+
+
+class ScriptedModel:
+    """A tiny model whose `generate` answers `answer` (tokenized, streamed and returned as `generate` does)."""
+
+    def __init__(self, model, processor, answer: str):
+        self.model, self.processor, self.answer = model, processor, answer
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def generate(self, input_ids, streamer=None, **kwargs):
+        answer_ids = self.processor.tokenizer(self.answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+            streamer.put(answer_ids[0])
+            streamer.end()
+        return torch.cat([input_ids, answer_ids.to(input_ids.device)], dim=1)
 
 
 def serve(model, processor, context_budget: int, max_queue_size: int = demo.DEFAULT_MAX_QUEUE_SIZE):
@@ -314,3 +336,67 @@ def test_a_busy_port_is_one_error_naming_the_flag():
         port = taken.getsockname()[1]
         with pytest.raises(UserError, match=f"^--port {port}: cannot listen on 127.0.0.1:{port}"):
             demo.main(["--model", "unused", "--port", str(port)])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# MiniGPT-v2: task shortcuts and boxes
+
+
+def test_boxes_are_outlined_in_one_colour_per_phrase():
+    image = Image.new("RGB", (200, 100), (255, 255, 255))
+    boxes = [{"phrase": "cat", "box": (20, 10, 120, 60)}, {"phrase": "dog", "box": (130, 20, 190, 90)},
+             {"phrase": "cat", "box": (10, 70, 60, 95)}]
+
+    drawn = np.asarray(demo.draw_boxes(image, boxes))
+
+    scale = demo.BOXES_IMAGE_WIDTH / image.width
+    assert drawn.shape == (round(image.height * scale), demo.BOXES_IMAGE_WIDTH, 3)
+    for (x1, y1, x2, y2), colour in [(boxes[0]["box"], demo.BOX_COLOURS[0]), (boxes[1]["box"], demo.BOX_COLOURS[1]),
+                                     (boxes[2]["box"], demo.BOX_COLOURS[0])]:
+        middle = round((y1 + y2) / 2 * scale)
+        assert tuple(drawn[middle, round(x1 * scale)]) == colour  # the left edge
+        assert tuple(drawn[middle, round((x1 + x2) / 2 * scale)]) == (255, 255, 255)  # inside stays as it was
+
+
+def test_task_shortcuts_and_boxes_are_only_for_minigpt_v2(demo_url, browser):
+    page = open_page(browser, demo_url)
+    page.get_by_role("button", name="Upload & Start Chat").wait_for(timeout=WAIT_MS)
+    assert page.locator("#task").count() == 0 and page.locator("#boxes").count() == 0
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def grounding_answer():
+    """A MiniGPT-v2 [grounding] answer for the example image, written with the processor's box helper."""
+    size = Image.open(EXAMPLE_IMAGE).size
+    return (f"<p>a woman</p> {format_box((40, 30, 200, 250), size)} in front of <p>a flag</p> "
+            f"{format_box((0, 0, 90, 120), size)}")
+
+
+@pytest.fixture(scope="module")
+def v2_demo_url(grounding_answer):
+    model, processor = build_random_model("tiny", variant="v2")
+    app, url = serve(ScriptedModel(model, processor, grounding_answer), processor, context_budget=2000)
+    yield url, processor
+    app.close()
+
+
+def test_a_task_shortcut_fills_the_question_and_the_answer_boxes_are_drawn(v2_demo_url, browser, grounding_answer):
+    url, processor = v2_demo_url
+    image = load_rgb_image(EXAMPLE_IMAGE)
+    (boxes,) = processor.post_process_grounding([grounding_answer], [image.size])
+    assert len(boxes) == 2
+    page = open_page(browser, url)
+    start_chat(page, EXAMPLE_IMAGE)
+
+    page.get_by_label("Grounding").check()
+    page.wait_for_function("q => document.querySelector('#question textarea').value === q",
+                           arg=demo.TASK_SHORTCUTS["Grounding"][0], timeout=WAIT_MS)
+    page.locator("#question textarea").press("Enter")
+
+    page.locator("#boxes img").wait_for(timeout=WAIT_MS)
+    served = page.request.get(page.locator("#boxes img").get_attribute("src")).body()
+    shown = np.asarray(Image.open(io.BytesIO(served)).convert("RGB"))
+    assert np.array_equal(shown, np.asarray(demo.draw_boxes(image, list(boxes))))
+    assert "[grounding] describe this image in detail" in page.locator('#chatbot [data-testid="user"]').inner_text()
+    page.close()

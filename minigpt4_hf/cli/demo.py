@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """
 The MiniGPT-4 web demo (Gradio), as the original `demo.py`: upload an image, chat about it with streamed answers,
-beam-search and temperature sliders, restart.
+beam-search and temperature sliders, restart. For a MiniGPT-v2 model, as the original `demo_v2.py`: task shortcuts
+([grounding], [refer], ...) and the boxes of each answer drawn on the image.
 
     pip install '.[demo]'
     python scripts/demo.py --model PATH_OR_ID                       # http://127.0.0.1:7860
@@ -31,9 +32,31 @@ from processing_minigpt4 import load_rgb_image
 
 
 TITLE = "# MiniGPT-4\nUpload an image, press **Upload & Start Chat**, then ask about it."
+TITLE_V2 = "# MiniGPT-v2\nUpload an image, press **Upload & Start Chat**, pick a task (or none), then ask."
 DEFAULT_MAX_QUEUE_SIZE = 16
 # Every event that runs the model shares this Gradio concurrency group: one generation at a time per model.
 MODEL_CONCURRENCY_ID = "model"
+
+# MiniGPT-v2's task shortcuts, `demo_v2.py@d94738a` (`gradio_taskselect`): what each puts in the question box, and its
+# hint. The original's [identify] took a box drawn on the image; here it is typed on the 0-100 grid.
+TASK_SHORTCUTS = {
+    "No tag": ("", "Type in whatever you want."),
+    "Grounding": ("[grounding] describe this image in detail",
+                  "Send the command to generate a grounded image description."),
+    "Refer": ("[refer] ", "Type in a phrase about an object in the image and send the command."),
+    "Detection": ("[detection] ", "Type in a caption or phrase, and see object locations in the image."),
+    "Identify": ("[identify] what is this ",
+                 "Add a box as {<x1><y1><x2><y2>} on a 0-100 grid (e.g. {<4><50><30><65>}) and send the command."),
+    "VQA": ("[vqa] ", "Send a question to get a short answer."),
+}
+# Box colours of `demo_v2.py@d94738a` (`colors`), one per phrase in turn.
+BOX_COLOURS = [
+    (255, 0, 0), (0, 255, 0), (0, 0, 255), (210, 210, 0), (255, 0, 255), (0, 255, 255), (114, 128, 250),
+    (0, 165, 255), (0, 128, 0), (144, 238, 144), (238, 238, 175), (255, 191, 0), (0, 128, 0), (226, 43, 138),
+    (255, 0, 255), (0, 215, 255),
+]
+# The original showed the boxes on the image resized to 500 px wide.
+BOXES_IMAGE_WIDTH = 500
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,6 +129,29 @@ def chat_history(conversation: Conversation | None, partial_answer: str | None =
     return history
 
 
+def draw_boxes(image, boxes: list[dict], width: int = BOXES_IMAGE_WIDTH):
+    """
+    `image` resized to `width` pixels wide with each box of `boxes` (`{"phrase", "box": (x1, y1, x2, y2)}` in pixels
+    of `image`, as `processor.post_process_grounding` returns them) outlined, in one colour per phrase, and labelled
+    with its phrase in black on a light tint of that colour (as the original). Returns a new RGB image.
+    """
+    from PIL import ImageDraw
+
+    scale = width / image.width
+    canvas = image.convert("RGB").resize((width, max(1, round(image.height * scale))))
+    draw = ImageDraw.Draw(canvas)
+    colour_of: dict = {}
+    for entry in boxes:
+        colour = BOX_COLOURS[colour_of.setdefault(entry["phrase"], len(colour_of)) % len(BOX_COLOURS)]
+        x1, y1, x2, y2 = (round(value * scale) for value in entry["box"])
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=2)
+        if entry["phrase"]:
+            left, top, right, bottom = draw.textbbox((x1 + 4, y1 + 4), entry["phrase"])
+            draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=tuple((c + 255) // 2 for c in colour))
+            draw.text((x1 + 4, y1 + 4), entry["phrase"], fill=(0, 0, 0))
+    return canvas
+
+
 def build_demo(model, processor, generation_kwargs: dict | None = None, context_budget: int = ORIGINAL_CONTEXT_BUDGET):
     """
     The Gradio app around a loaded model. Each browser session keeps its own `Conversation` in a `gr.State`; the
@@ -114,6 +160,26 @@ def build_demo(model, processor, generation_kwargs: dict | None = None, context_
     import gradio as gr
 
     generation_kwargs = dict(CHAT_GENERATION_DEFAULTS if generation_kwargs is None else generation_kwargs)
+    grounding = model.config.variant == "v2"  # MiniGPT-v2: task shortcuts and boxes
+
+    def boxes_of_answer(conversation: Conversation):
+        """The boxes image update after an answer (MiniGPT-v2): shown when the answer holds readable boxes."""
+        image, answer_text = conversation.images[0], conversation.messages[-1]["content"][0]["text"]
+        (grounded,) = processor.post_process_grounding([answer_text], [image.size])
+        if grounded.problems:
+            gr.Warning("Box text that cannot be drawn: " + "; ".join(grounded.problems))
+        if not grounded:
+            return no_boxes()
+        return gr.update(value=draw_boxes(image, list(grounded)), visible=True)
+
+    def with_boxes(*outputs, boxes=None):
+        """The event's outputs, plus the boxes image for a MiniGPT-v2 model (unchanged unless `boxes`)."""
+        if grounding:
+            return (*outputs, gr.update() if boxes is None else boxes)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def no_boxes():
+        return gr.update(value=None, visible=False)
 
     def new_conversation(image) -> Conversation:
         conversation = Conversation(model, processor, generation_kwargs, context_budget, notify=gr.Warning)
@@ -125,18 +191,19 @@ def build_demo(model, processor, generation_kwargs: dict | None = None, context_
         if upload is None:
             gr.Warning("No image yet: drop one in the image box (or click it to pick a file), then press "
                        "Upload & Start Chat.")
-            return unchanged
+            return with_boxes(*unchanged)
         try:  # Gradio hands over the uploaded file untouched (preprocess=False): the one image opener reads it
             image = load_rgb_image(upload["path"])
         except ValueError as error:
             gr.Warning(str(error).replace(upload["path"], upload.get("orig_name") or "the upload"))
-            return (gr.update(value=None), *unchanged[1:])
-        return (
+            return with_boxes(gr.update(value=None), *unchanged[1:])
+        return with_boxes(
             gr.update(interactive=False),
             gr.update(value="Start Chatting", interactive=False),
             gr.update(interactive=True, placeholder="Type and press Enter"),
             new_conversation(image),
             [],
+            boxes=no_boxes(),
         )
 
     def ask(message: str, conversation):
@@ -154,7 +221,7 @@ def build_demo(model, processor, generation_kwargs: dict | None = None, context_
 
     def answer(conversation, num_beams, temperature):
         if conversation is None or not conversation.has_pending_question():
-            yield chat_history(conversation), gr.update()
+            yield with_boxes(chat_history(conversation), gr.update())
             return
         question = conversation.messages[-1]["content"][-1]["text"]
         overrides = {"num_beams": int(num_beams)}
@@ -164,29 +231,36 @@ def build_demo(model, processor, generation_kwargs: dict | None = None, context_
         try:
             for piece in conversation.stream_answer(**overrides):
                 streamed += piece
-                yield chat_history(conversation, partial_answer=streamed), gr.update()
+                yield with_boxes(chat_history(conversation, partial_answer=streamed), gr.update())
         except ValueError as error:  # the question alone does not fit the context: it is withdrawn, give it back
             gr.Warning(str(error))
-            yield chat_history(conversation), gr.update(value=question)
+            yield with_boxes(chat_history(conversation), gr.update(value=question))
             return
-        yield chat_history(conversation), gr.update()
+        yield with_boxes(chat_history(conversation), gr.update(),
+                         boxes=boxes_of_answer(conversation) if grounding else None)
 
     def clear_chat(conversation):
         """The chat's own Clear button: same image, no turns (a fresh conversation, so a cancelled answer that
         finishes late lands in the old one)."""
-        return None if conversation is None or not conversation.images else new_conversation(conversation.images[0])
+        fresh = None if conversation is None or not conversation.images else new_conversation(conversation.images[0])
+        return with_boxes(fresh, boxes=no_boxes())
 
     def restart():
-        return (
+        return with_boxes(
             [],
             None,
             gr.update(value=None, interactive=True),
             gr.update(value="", interactive=False, placeholder="Upload an image first."),
             gr.update(value="Upload & Start Chat", interactive=True),
+            boxes=no_boxes(),
         )
 
-    with gr.Blocks(title="MiniGPT-4") as demo:
-        gr.Markdown(TITLE)
+    def pick_task(task: str | None):
+        prefix, hint = TASK_SHORTCUTS[task or "No tag"]
+        return gr.update(value=prefix), f"**Hint:** {hint}"
+
+    with gr.Blocks(title="MiniGPT-v2" if grounding else "MiniGPT-4") as demo:
+        gr.Markdown(TITLE_V2 if grounding else TITLE)
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", image_mode=None, label="Image", elem_id="image")
@@ -198,28 +272,38 @@ def build_demo(model, processor, generation_kwargs: dict | None = None, context_
                                         label="Temperature", interactive=True)
             with gr.Column(scale=2):
                 conversation_state = gr.State(None)
-                chatbot = gr.Chatbot(label="MiniGPT-4", elem_id="chatbot")
+                chatbot = gr.Chatbot(label="MiniGPT-v2" if grounding else "MiniGPT-4", elem_id="chatbot")
+                if grounding:
+                    task = gr.Radio(list(TASK_SHORTCUTS), value=None, label="Task shortcuts", elem_id="task")
+                    task_hint = gr.Markdown("**Hint:** Upload your image and chat.", elem_id="task-hint")
                 question = gr.Textbox(label="User", placeholder="Upload an image first.", interactive=False,
                                       elem_id="question")
+                if grounding:
+                    boxes = gr.Image(label="Boxes in the last answer", type="pil", format="png", interactive=False,
+                                     visible=False, elem_id="boxes")
+        boxes_output = [boxes] if grounding else []
 
         # Every step goes through Gradio's queue (that is what shows its messages); the light ones never wait
         # (no concurrency limit), an upload decodes one image at a time, and answers take turns on the model.
         upload_button.click(
-            upload_image, [image, conversation_state], [image, upload_button, question, conversation_state, chatbot],
+            upload_image, [image, conversation_state],
+            [image, upload_button, question, conversation_state, chatbot, *boxes_output],
             preprocess=False, api_name="upload_image",
         )
         answer_event = question.submit(
             ask, [question, conversation_state], [question, chatbot], concurrency_limit=None, api_name="ask"
         ).then(
-            answer, [conversation_state, num_beams, temperature], [chatbot, question], api_name="answer",
-            concurrency_limit=1, concurrency_id=MODEL_CONCURRENCY_ID, show_progress_on=[chatbot],
+            answer, [conversation_state, num_beams, temperature], [chatbot, question, *boxes_output],
+            api_name="answer", concurrency_limit=1, concurrency_id=MODEL_CONCURRENCY_ID, show_progress_on=[chatbot],
         )
-        chatbot.clear(clear_chat, [conversation_state], [conversation_state], cancels=[answer_event],
+        chatbot.clear(clear_chat, [conversation_state], [conversation_state, *boxes_output], cancels=[answer_event],
                       concurrency_limit=None, api_name="clear")
         restart_button.click(
-            restart, None, [chatbot, conversation_state, image, question, upload_button], cancels=[answer_event],
-            concurrency_limit=None, api_name="restart",
+            restart, None, [chatbot, conversation_state, image, question, upload_button, *boxes_output],
+            cancels=[answer_event], concurrency_limit=None, api_name="restart",
         )
+        if grounding:
+            task.change(pick_task, [task], [question, task_hint], concurrency_limit=None, api_name="pick_task")
     return demo
 
 
