@@ -274,6 +274,23 @@ def answer_batch(model, processor, images: list, question: str, generation_kwarg
     return generate_answers(model, processor, images, [prompt] * len(images), **generation_kwargs)
 
 
+def check_question_fits(model, processor, question: str, max_new_tokens: int) -> None:
+    """
+    Raises ValueError when one image plus `question` (in the chat template) plus `max_new_tokens` new tokens exceed
+    the language model's context, saying by how much: checked once, before a batch run starts.
+    """
+    from PIL import Image
+
+    prompt = processor.apply_chat_template([user_message(question)], add_generation_prompt=True)
+    length = len(processor(images=[Image.new("RGB", (1, 1))], text=prompt)["input_ids"][0])
+    context = getattr(model.config.text_config, "max_position_embeddings", None)
+    if context is not None and length + max_new_tokens > context:
+        raise ValueError(
+            f"The prompt takes {length} tokens with its image; with {max_new_tokens} new tokens that is more than "
+            f"the model's {context}-token context. Shorten the prompt (or lower --max-new-tokens)."
+        )
+
+
 class _StopWhenCancelled(StoppingCriteria):
     """Ends generation for every row once `event` is set (a reader stopped listening to a streamed answer)."""
 

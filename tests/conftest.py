@@ -1,6 +1,9 @@
 """Shared test fixtures: tiny random MiniGPT-4 models built on the spot, the original-format fixture files."""
 
+import io
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,39 @@ def chat_messages():
     return [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}
     ]
+
+
+def write_image_bomb(path, side: int = 20_000) -> None:
+    """
+    Writes a valid 1-bit black image of `side` x `side` pixels (400 megapixels at 20,000) that takes a few tens of
+    kilobytes on disk (a decompression bomb), without ever holding the pixels in memory: a PNG, or a TIFF (which
+    browsers do not try to preview) when `path` ends in `.tiff`.
+    """
+    row_bytes = (side + 7) // 8
+    tiff = str(path).endswith(".tiff")
+    row = b"\0" * (row_bytes if tiff else 1 + row_bytes)  # PNG rows start with a filter byte
+    compressor = zlib.compressobj(9)
+    pixels = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    if tiff:  # little-endian TIFF, one Deflate-compressed strip, BlackIsZero
+        tags = [(256, 4, side), (257, 4, side), (258, 3, 1), (259, 3, 8), (262, 3, 1), (273, 4, 8),
+                (277, 3, 1), (278, 4, side), (279, 4, len(pixels))]
+        directory = struct.pack("<H", len(tags)) + b"".join(
+            struct.pack("<HHI", tag, kind, 1) + struct.pack("<I" if kind == 4 else "<HH", value, *([0] * (kind == 3)))
+            for tag, kind, value in tags
+        ) + struct.pack("<I", 0)
+        Path(path).write_bytes(b"II*\0" + struct.pack("<I", 8 + len(pixels)) + pixels + directory)
+        return
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale, no interlace
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+def write_truncated_png(path) -> None:
+    """Writes the first half of a 64 x 64 PNG (a download cut short)."""
+    buffer = io.BytesIO()
+    pixels = torch.arange(64 * 64 * 3, dtype=torch.int32).remainder(256).to(torch.uint8).reshape(64, 64, 3)
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    Path(path).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])

@@ -20,6 +20,7 @@ from minigpt4_hf.cli import demo
 from minigpt4_hf.inference import Conversation, UserError
 from minigpt4_hf.random_models import EXAMPLE_IMAGE, build_random_model
 from processing_minigpt4 import format_box, load_rgb_image
+from conftest import write_image_bomb
 
 
 pytest.importorskip("gradio", reason="the demo needs gradio: pip install '.[demo]'")
@@ -251,7 +252,7 @@ def test_start_chat_without_an_image_shows_a_message(demo_url, browser):
 
 def test_an_image_bomb_is_refused_in_one_line_and_the_demo_stays_up(demo_url, browser, tmp_path):
     bomb = tmp_path / "bomb.tiff"  # 400 megapixels in a few kilobytes (a format the browser does not preview)
-    Image.new("1", (20_000, 20_000)).save(bomb, compression="group4")
+    write_image_bomb(bomb)
     page = open_page(browser, demo_url)
     page.locator("input[type=file]").first.set_input_files(str(bomb))
     page.get_by_role("button", name="Upload & Start Chat").click()
