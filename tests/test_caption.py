@@ -106,7 +106,8 @@ def test_bombs_broken_and_empty_files_get_one_line_errors_and_the_batch_goes_on_
 ):
     folder = tmp_path / "images"
     good = make_images(folder, 2)
-    bad = {"bomb.png": write_image_bomb, "cut.png": write_truncated_png, "empty.jpg": lambda path: path.write_bytes(b"")}
+    bad = {"bomb.png": write_image_bomb, "cut.png": write_truncated_png,
+           "empty.jpg": lambda path: path.write_bytes(b"")}
     for name, write in bad.items():
         write(folder / name)
     output = tmp_path / "captions.jsonl"

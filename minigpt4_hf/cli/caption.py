@@ -5,11 +5,13 @@ Caption (or ask one question about) many images with MiniGPT-4, in left-padded b
     python scripts/caption.py --model PATH_OR_ID --images photos/ --output captions.jsonl
     python scripts/caption.py --model PATH_OR_ID --images 'photos/**/*.jpg' --output captions.jsonl \
         --prompt "What is unusual about this image?" --batch-size 16
+    python scripts/caption.py --model PATH_OR_ID --images photos/ --output answers.jsonl --prompt-file question.txt
 
 Writes one JSON line per image: {"image", "prompt", "answer", "generation"}, or "error" instead of "answer" when the
 image cannot be read. Each batch is appended whole and synced to disk, so Ctrl-C (or a crash) loses nothing already
 written, and running the same command again skips the images that the output already has.
 
+A prompt that cannot fit the model's context with one image and --max-new-tokens is refused before any image.
 Generation is greedy by default (reproducible, independent of the batch size and order); --sample samples with the
 original chat's settings (top-p 0.9, temperature 1.0).
 """

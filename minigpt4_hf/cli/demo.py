@@ -9,7 +9,8 @@ beam-search and temperature sliders, restart. For a MiniGPT-v2 model, as the ori
     python scripts/demo.py --model PATH_OR_ID --host 0.0.0.0 --port 8080 --max-queue-size 32
 
 Every browser session has its own conversation. One answer is generated at a time; the others wait in Gradio's queue
-(each sees its place in it), and beyond --max-queue-size waiting answers a new one is told the demo is busy.
+(each sees its place in it), and beyond --max-queue-size waiting requests a new one is told the demo is busy.
+See docs/demo.md.
 """
 
 import argparse
@@ -73,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-queue-size",
         type=int,
         default=DEFAULT_MAX_QUEUE_SIZE,
-        help="Most answers that may wait for the model at once; beyond it a new one is told the demo is busy "
-        f"(default {DEFAULT_MAX_QUEUE_SIZE}).",
+        help="Most requests that may wait in the queue at once (answers wait there for the model); beyond it a new "
+        f"one is told the demo is busy (default {DEFAULT_MAX_QUEUE_SIZE}).",
     )
     server.add_argument("--share", action="store_true", help="Also open a public gradio.live link (as the original).")
     parser.add_argument(

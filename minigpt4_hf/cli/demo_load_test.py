@@ -32,12 +32,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from minigpt4_hf.cli.demo import DEFAULT_MAX_QUEUE_SIZE, chat_history
+from minigpt4_hf.cli import demo
 from minigpt4_hf.inference import (
-    ORIGINAL_CONTEXT_BUDGET,
     Conversation,
     UserError,
     add_model_arguments,
+    generation_kwargs_from_args,
     load_model_and_processor,
     run_main,
 )
@@ -74,19 +74,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def generation_kwargs(args: argparse.Namespace) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "num_beams": 1, "do_sample": False, "repetition_penalty": 1.0}
-
-
-def model_flags(args: argparse.Namespace) -> list[str]:
-    """The model flags of this run, for the demo server (both sides load the model the same way)."""
+def demo_flags(args: argparse.Namespace, port: int) -> list[str]:
+    """
+    The demo server's command-line flags: this run's model flags (both sides load the model alike), 127.0.0.1,
+    greedy answers, and a queue that holds every session.
+    """
     flags = ["--model", str(args.model), "--dtype", args.dtype]
     if args.device is not None:
         flags += ["--device", args.device]
     if args.device_map is not None:
         flags += ["--device-map", args.device_map]
     flags += ["--load-in-8bit"] * args.load_in_8bit + ["--load-in-4bit"] * args.load_in_4bit
-    return flags
+    return flags + ["--host", HOST, "--port", str(port), "--greedy", "--max-new-tokens", str(args.max_new_tokens),
+                    "--max-queue-size", str(max(args.sessions, demo.DEFAULT_MAX_QUEUE_SIZE))]
 
 
 def session_images(folder: str, count: int) -> list[str]:
@@ -102,17 +102,20 @@ def session_images(folder: str, count: int) -> list[str]:
     return paths
 
 
-def expected_chats(model, processor, images: list[str], kwargs: dict) -> list[list[list[dict]]]:
-    """For each image, the chat shown after each question when that chat runs alone (greedy)."""
+def expected_chats(model, processor, images: list[str], server: argparse.Namespace) -> list[list[list[dict]]]:
+    """
+    For each image, the chat the demo shows after each question when that chat runs alone, with the generation
+    settings and context budget that the server's flags `server` give it.
+    """
     chats = []
     for image in images:
-        conversation = Conversation(model, processor, kwargs, ORIGINAL_CONTEXT_BUDGET)
+        conversation = Conversation(model, processor, generation_kwargs_from_args(server), server.max_context_tokens)
         conversation.upload_image(image)
         after_each = []
         for question in QUESTIONS:
             conversation.ask(question)
             conversation.answer()
-            after_each.append(chat_history(conversation))
+            after_each.append(demo.chat_history(conversation))
         chats.append(after_each)
     return chats
 
@@ -134,17 +137,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, log) -> tuple[subprocess.Popen, str]:
-    """Starts the demo on 127.0.0.1 (greedy, a queue that holds every session) and waits until it answers."""
-    port = free_port()
-    command = [
-        sys.executable, "-m", "minigpt4_hf.cli.demo", *model_flags(args), "--host", HOST, "--port", str(port),
-        "--greedy", "--max-new-tokens", str(args.max_new_tokens),
-        "--max-queue-size", str(max(args.sessions, DEFAULT_MAX_QUEUE_SIZE)),
-    ]
+def start_server(flags: list[str], log) -> subprocess.Popen:
+    """Starts the demo with `flags` in a process of its own, its output going to `log`."""
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return server, f"http://{HOST}:{port}/"
+    return subprocess.Popen([sys.executable, "-m", "minigpt4_hf.cli.demo", *flags], stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
 
 
 def wait_until_serving(server: subprocess.Popen, url: str, timeout: float, log_path: str) -> None:
@@ -194,7 +191,8 @@ def run_session(url: str, image: str, expected: list[list[dict]] | None, timeout
 
     result, client = SessionResult(), None
     try:
-        client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+        client = Client(url, verbose=False, analytics_enabled=False, download_files=False,
+                        httpx_kwargs={"timeout": timeout})
         client.submit(handle_file(image), api_name="/upload_image").result(timeout=timeout)
     except Exception as error:  # noqa: BLE001 - any failure of the client or the server is a counted error
         result.errors += len(QUESTIONS)
@@ -265,22 +263,22 @@ def stop(server: subprocess.Popen) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not os.path.exists(args.model):
-        raise UserError(f"--model {args.model}: no such folder (the load test starts the demo on a local model).")
     try:
         import gradio_client  # noqa: F401
         import psutil  # noqa: F401
     except ImportError as error:
         raise UserError(f"The load test needs {error.name}: pip install '.[demo]'.") from None
-    kwargs = generation_kwargs(args)
+    port = free_port()
+    flags = demo_flags(args, port)
+    url = f"http://{HOST}:{port}/"
     with tempfile.TemporaryDirectory(prefix="minigpt4-load-test-") as folder:
         images = session_images(folder, args.sessions + 1)  # the last one is the warm-up's
         log_path = os.path.join(folder, "demo.log")
         with open(log_path, "w", encoding="utf-8") as log:
-            server, url = start_server(args, log)
+            server = start_server(flags, log)
             try:
                 model, processor = load_model_and_processor(args)  # while the server starts
-                expected = expected_chats(model, processor, images[:-1], kwargs)
+                expected = expected_chats(model, processor, images[:-1], demo.parse_args(flags))
                 wait_until_serving(server, url, args.timeout, log_path)
                 warm_up = run_session(url, images[-1], None, args.timeout)
                 if warm_up.problems:
