@@ -56,12 +56,16 @@ def lone_chat(model, processor, image, questions, context_budget) -> list[dict]:
 
 
 class GatedModel:
-    """The tiny model, whose `generate` waits until the test opens `gate` (and says when one started)."""
+    """
+    The tiny model, whose `generate` waits until the test opens `gate` (and says when one started), and raises
+    `failure` instead of answering when the test sets it (once).
+    """
 
     def __init__(self, model):
         self.model = model
         self.gate, self.entered = threading.Event(), threading.Event()
         self.gate.set()
+        self.failure = None
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -70,6 +74,9 @@ class GatedModel:
         self.entered.set()
         if not self.gate.wait(timeout=WAIT_MS / 1000):
             raise TimeoutError("the test never opened the gate")
+        failure, self.failure = self.failure, None
+        if failure is not None:
+            raise failure
         return self.model.generate(*args, **kwargs)
 
 
@@ -328,6 +335,23 @@ def test_a_waiting_answer_shows_its_place_in_the_queue_and_a_full_queue_says_bus
         page.locator('#chatbot [data-testid="bot"]').wait_for(timeout=WAIT_MS)
         page.close()
     refused.close()
+
+
+def test_a_failed_answer_is_reported_and_the_session_goes_on(gated_demo, browser, tiny_seeing):
+    gated, url = gated_demo
+    page = open_page(browser, url)
+    start_chat(page, EXAMPLE_IMAGE)
+    gated.failure = torch.OutOfMemoryError("out of memory (raised by the test)")
+
+    send(page, QUESTIONS[0])
+
+    assert any("The answer failed (OutOfMemoryError" in text for text in toast_texts(page))
+    page.wait_for_function("q => document.querySelector('#question textarea').value === q", arg=QUESTIONS[0],
+                           timeout=WAIT_MS)
+    assert shown_chat(page) == []
+    page.locator("#question textarea").press("Enter")  # asking again works
+    wait_for_chat(page, lone_chat(*tiny_seeing, EXAMPLE_IMAGE, QUESTIONS[:1], context_budget=2000))
+    page.close()
 
 
 def test_a_busy_port_is_one_error_naming_the_flag():

@@ -14,6 +14,7 @@ See docs/demo.md.
 """
 
 import argparse
+import logging
 import os
 import socket
 
@@ -31,6 +32,8 @@ from minigpt4_hf.inference import (
 )
 from processing_minigpt4 import load_rgb_image
 
+
+logger = logging.getLogger(__name__)
 
 TITLE = "# MiniGPT-4\nUpload an image, press **Upload & Start Chat**, then ask about it."
 TITLE_V2 = "# MiniGPT-v2\nUpload an image, press **Upload & Start Chat**, pick a task (or none), then ask."
@@ -233,8 +236,13 @@ def build_demo(model, processor, generation_kwargs: dict | None = None, context_
             for piece in conversation.stream_answer(**overrides):
                 streamed += piece
                 yield with_boxes(chat_history(conversation, partial_answer=streamed), gr.update())
-        except ValueError as error:  # the question alone does not fit the context: it is withdrawn, give it back
-            gr.Warning(str(error))
+        except Exception as error:  # the question alone does not fit, or generating failed (e.g. out of memory)
+            conversation.withdraw_question()  # the session goes on as before the question, which is given back
+            if isinstance(error, ValueError):
+                gr.Warning(str(error))
+            else:
+                logger.exception("An answer failed")
+                gr.Warning(f"The answer failed ({type(error).__name__}: {error}); ask again.")
             yield with_boxes(chat_history(conversation), gr.update(value=question))
             return
         yield with_boxes(chat_history(conversation), gr.update(),
