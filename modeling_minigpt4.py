@@ -281,7 +281,8 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         The bridge without Q-Former: drops the class token and concatenates every `vision_token_merge` consecutive
         patch tokens along the features (raster order, so a 1 x N horizontal strip; a reshape, not a 2-D pooling).
 
-        `(num_images, num_patches + 1, vision_hidden_size) -> (num_images, num_image_tokens, merge * vision_hidden_size)`.
+        `(num_images, num_patches + 1, vision_hidden_size)` ->
+        `(num_images, num_image_tokens, vision_token_merge * vision_hidden_size)`.
         """
         patch_embeds = image_embeds[:, 1:, :]
         num_images, _, width = patch_embeds.shape
@@ -341,7 +342,8 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-                Prompt ids in which each image is a run of `config.num_image_tokens` ids equal to `config.image_token_id`
+                Prompt ids in which each image is a run of `config.num_image_tokens` ids equal to
+                `config.image_token_id`
                 (as [`MiniGPT4Processor`] builds them).
             pixel_values (`torch.FloatTensor` of shape `(num_images, 3, image_size, image_size)`, *optional*):
                 The images, in the order their placeholders appear (row by row, left to right).

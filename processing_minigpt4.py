@@ -319,10 +319,9 @@ def parse_grounded_answer(text: str, image_size: tuple[int, int]) -> GroundedAns
     Returns:
         [`GroundedAnswer`]: one entry per readable box; malformed box text is listed in `.problems`, never raised.
     """
-    events = sorted(
-        [(m.start(), 0, m) for m in _PHRASE_TEXT.finditer(text)] + [(m.start(), 1, m) for m in _BOX_TEXT.finditer(text)],
-        key=lambda event: (event[0], event[1]),
-    )
+    phrases = [(match.start(), 0, match) for match in _PHRASE_TEXT.finditer(text)]
+    boxes = [(match.start(), 1, match) for match in _BOX_TEXT.finditer(text)]
+    events = sorted(phrases + boxes, key=lambda event: (event[0], event[1]))
     objects, problems, removed = [], [], []
     phrase, anchor = None, None  # the current phrase and where the text after it (or its last box) starts
     for _, is_box, match in events:

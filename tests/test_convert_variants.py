@@ -338,9 +338,9 @@ def test_448_px_with_position_embeddings_that_are_not_a_square_is_refused(output
                    "cannot run at 112 px")
 
 
-def llama2_sized_vocabulary_folder(tmp_path, vocabulary: int = 32000):
-    """A tiny LLaMA (width 64, as the v1 fixture's projection) with Llama-2's 32000-token vocabulary and tokenizer."""
-    folder = tmp_path / "llama2-vocabulary"
+def tiny_llm_with_vocabulary(tmp_path, vocabulary: int = 32000):
+    """A tiny LLaMA (width 64, as the fixtures' projections) with a full-size vocabulary and its tokenizer."""
+    folder = tmp_path / f"vocabulary-{vocabulary}"
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"piece{i}": i for i in range(3, vocabulary)}}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
                                         bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -352,7 +352,14 @@ def llama2_sized_vocabulary_folder(tmp_path, vocabulary: int = 32000):
 
 
 def test_llama2_tokenizer_with_a_vicuna_v0_projection_is_refused(output_parent, capsys, tmp_path):
-    llm = llama2_sized_vocabulary_folder(tmp_path)
+    llm = tiny_llm_with_vocabulary(tmp_path)
     assert_refused(fixture_argv(output_parent / "out", {"--llm": llm}), output_parent, capsys,
                    f"--llm {llm}: the tokenizer has 32000 tokens", "MiniGPT-4 with Vicuna v0",
                    "vocabulary is 32001")
+
+
+def test_vicuna_v0_tokenizer_with_a_llama2_projection_is_refused(output_parent, capsys, tmp_path):
+    llm = tiny_llm_with_vocabulary(tmp_path, vocabulary=32001)
+    assert_refused(LLAMA2.argv(output_parent / "out", {"--llm": llm}), output_parent, capsys,
+                   f"--llm {llm}: the tokenizer has 32001 tokens, the vocabulary of Vicuna v0",
+                   "Pass meta-llama/Llama-2-7b-chat-hf")

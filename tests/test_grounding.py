@@ -11,7 +11,8 @@ from test_parity_variants import VARIANTS
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from conftest import ORIGINAL_TINY
-from processing_minigpt4 import MiniGPT4Processor, format_box, parse_grounded_answer
+from minigpt4_hf.random_models import build_random_model
+from processing_minigpt4 import format_box, parse_grounded_answer
 
 
 SIZE = (200, 100)  # width, height of the original image
@@ -80,14 +81,23 @@ def test_text_without_boxes_has_no_boxes_and_no_problems():
     assert list(answer) == [] and answer.problems == []
 
 
-def test_post_process_grounding_reads_each_answer_with_its_image_size():
-    results = MiniGPT4Processor.post_process_grounding(None, ["{<0><0><50><50>}", "no box"], [(100, 100), (10, 10)])
+@pytest.fixture(scope="module")
+def processor():
+    return build_random_model("tiny", variant="v2")[1]
+
+
+def test_post_process_grounding_reads_each_answer_with_its_image_size(processor):
+    results = processor.post_process_grounding(["{<0><0><50><50>}", "no box"], [(100, 100), (10, 10)])
     assert list(results[0]) == [{"phrase": None, "box": (0.0, 0.0, 50.0, 50.0)}] and list(results[1]) == []
 
 
-def test_post_process_grounding_needs_one_image_size_per_text():
+def test_post_process_grounding_needs_one_image_size_per_text(processor):
     with pytest.raises(ValueError, match="2 text"):
-        MiniGPT4Processor.post_process_grounding(None, ["a", "b"], [(10, 10)])
+        processor.post_process_grounding(["a", "b"], [(10, 10)])
+
+
+def test_the_processor_writes_boxes_too(processor):
+    assert processor.format_box((0, 0, 100, 50), (200, 100)) == "{<0><0><50><50>}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
