@@ -309,7 +309,7 @@ def build_model_card(
         model_name=model_name,
         num_query_tokens=config.num_image_tokens,
         usage_snippet=usage_snippet(model_id),
-        generation_defaults=", ".join(f"{key} {value}" for key, value in ORIGINAL_CHAT_DEFAULTS.items()),
+        generation_defaults=", ".join(f"{key} {value}" for key, value in GENERATION_DEFAULTS[config.variant].items()),
         architecture=architecture_rows(config, parameter_counts),
         image_token_id=config.image_token_id,
         stop_token_ids=config.stop_token_ids,

@@ -333,9 +333,12 @@ def test_448_px_with_position_embeddings_that_are_not_a_square_is_refused(output
     def cut(state):
         state["pos_embed"] = state["pos_embed"][:, :16]  # 15 patch positions: no square grid
     vit = edited_checkpoint(tmp_path, V2.folder / "weights" / "eva_vit_g.pth", "eva_vit_g.pth", cut)
-    assert_refused(V2.argv(output_parent / "out", {"--vit-checkpoint": vit}), output_parent, capsys,
+    overrides = tmp_path / "overrides.json"
+    overrides.write_text(json.dumps({"vision_config": {"num_attention_heads": 4}}))  # v2's own 448 px
+    argv = V2.argv(output_parent / "out", {"--vit-checkpoint": vit, "--config-overrides": overrides})
+    assert_refused(argv, output_parent, capsys,
                    f"'pos_embed' in --vit-checkpoint {vit} has shape [1, 16, 56]: not 1 + a square grid",
-                   "cannot run at 112 px")
+                   "cannot run at 448 px")
 
 
 def tiny_llm_with_vocabulary(tmp_path, vocabulary: int = 32000):
