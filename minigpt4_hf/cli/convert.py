@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="pretrained_minigpt4.pth / prerained_minigpt4_7b.pth / pretrained_minigpt4_llama2_7b.pth "
                          "/ minigptv2_checkpoint.pth ({'model': {llama_proj.*, LoRA tensors}})")
     variant = parser.add_argument_group("variant")
-    variant.add_argument("--variant", choices=VARIANTS, type=lambda text: text.replace("_", ""),
+    variant.add_argument("--variant", choices=VARIANTS,
                          help="the released family: vicuna0 (MiniGPT-4 with Vicuna v0), llama2 (MiniGPT-4 with "
                          "Llama-2-7B-chat) or v2 (MiniGPT-v2); default: read from the projection checkpoint (input "
                          "width 768 -> vicuna0; 4 x ViT width -> llama2, or v2 with LoRA tensors)")
