@@ -13,6 +13,8 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig, Blip2VisionConfig
 
 
+# Label of the positions that take no loss (PyTorch's cross-entropy `ignore_index`).
+IGNORE_INDEX = -100
 # The prompt pieces of the original, shared by the processor, the chat template and the training presets.
 DEFAULT_IMAGE_TOKEN = "<ImageHere>"
 # `CONV_VISION_Vicuna0.system` of the original conversation template.
@@ -32,7 +34,7 @@ MINIGPT4_AUTO_MAP = {
 @strict
 class MiniGPT4Config(PreTrainedConfig):
     r"""
-    Configuration of [`MiniGPT4ForConditionalGeneration`].
+    Configuration of [`MiniGPT4ForConditionalGeneration`] and [`MiniGPT4Model`].
 
     Args:
         vision_config (`dict` or `Blip2VisionConfig`, *optional*):
@@ -55,11 +57,21 @@ class MiniGPT4Config(PreTrainedConfig):
             Token-id sequences that end an assistant turn; generation stops each row on its own when it produces one.
             Defaults to LLaMA's two spellings of `###`: `[[835], [2277, 29937]]`.
         freeze_vision_model (`bool`, defaults to `True`):
-            Keep the ViT (and `ln_vision`) frozen and in eval mode, as in the original.
+            No gradients for the ViT (and `ln_vision`), as in the original.
         freeze_qformer (`bool`, defaults to `True`):
-            Keep the Q-Former and its query tokens frozen and in eval mode.
+            No gradients for the Q-Former and its query tokens.
         freeze_language_model (`bool`, defaults to `True`):
-            Keep the language model frozen and in eval mode (LoRA adapters added on top still train).
+            No gradients for the language model and its output head. Adapters added on top (LoRA) still train: PEFT
+            gives them their own trainable parameters.
+        frozen_modules_in_eval_mode (`bool`, defaults to `True`):
+            While training, every submodule whose parameters are all frozen runs in eval mode (dropout off), as the
+            original's `disabled_train` kept the frozen ViT, Q-Former and LLM (`minigpt4/models/mini_gpt4.py@22d8888`).
+            What holds trainable parameters follows `train()`/`eval()` as usual: the projection, an unfrozen part,
+            and LoRA layers inside a frozen language model, whose `lora_dropout` is then active while training (set
+            it in the `LoraConfig`; 0 turns it off). `False`: every module follows `train()`/`eval()`, frozen or not.
+        tie_word_embeddings (`bool`, defaults to `False`):
+            Tie the output head to the language model's input embeddings (taken from `text_config` when it ties them;
+            LLaMA and Vicuna do not).
         initializer_range (`float`, defaults to 0.02):
             Std of the normal initialisation of the query tokens and the projection.
     """
@@ -81,12 +93,17 @@ class MiniGPT4Config(PreTrainedConfig):
     freeze_vision_model: bool = True
     freeze_qformer: bool = True
     freeze_language_model: bool = True
+    frozen_modules_in_eval_mode: bool = True
+    tie_word_embeddings: bool = False
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         # The Q-Former cross-attends to the ViT output, whatever the Q-Former config said.
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        # The output head lives next to the language model, so its tying is decided here (as transformers' VLMs do).
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
         if self.stop_token_ids is None:
             self.stop_token_ids = [list(ids) for ids in LLAMA_STOP_TOKEN_IDS]
         self.stop_token_ids = [[int(i) for i in ids] for ids in self.stop_token_ids]
@@ -99,6 +116,6 @@ class MiniGPT4Config(PreTrainedConfig):
         self.auto_map = auto_map
 
 
-__all__ = ["MiniGPT4Config", "DEFAULT_IMAGE_TOKEN", "DEFAULT_SYSTEM_PROMPT", "LLAMA_STOP_TOKEN_IDS"]
+__all__ = ["MiniGPT4Config", "DEFAULT_IMAGE_TOKEN", "DEFAULT_SYSTEM_PROMPT", "IGNORE_INDEX", "LLAMA_STOP_TOKEN_IDS"]
 
 MiniGPT4Config.register_for_auto_class()

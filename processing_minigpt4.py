@@ -20,12 +20,11 @@ from transformers.tokenization_utils_base import AddedToken
 
 
 try:
-    from .configuration_minigpt4 import DEFAULT_IMAGE_TOKEN, DEFAULT_SYSTEM_PROMPT
+    from .configuration_minigpt4 import DEFAULT_IMAGE_TOKEN, DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX
 except ImportError:  # imported as a top-level module (pip install .) rather than as Hub remote code
-    from configuration_minigpt4 import DEFAULT_IMAGE_TOKEN, DEFAULT_SYSTEM_PROMPT
+    from configuration_minigpt4 import DEFAULT_IMAGE_TOKEN, DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX
 
 
-IGNORE_INDEX = -100
 # The end of an assistant turn (the original's `sep`).
 TURN_SEPARATOR = "###"
 
