@@ -148,10 +148,6 @@ class MiniGPT4PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Blip2EncoderLayer", "Blip2QFormerLayer", "Blip2VisionEmbeddings"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _keep_in_fp32_modules = ["query_tokens", "qformer"]
-    # The loss is the mean over the labelled tokens of each batch, as the original's (`mini_gpt4.py@22d8888`); the
-    # Trainer must not count labelled tokens itself, since a collator's labels may still hold image placeholders
-    # that the model leaves out of the loss.
-    accepts_loss_kwargs = False
     # Folders saved before the `model` / `lm_head` split (the BLIP-2 layout: the causal LM with its head under
     # `language_model`, the other parts at the top). `from_pretrained` renames their keys with this mapping
     # (transformers' `key_mapping`); keys of the current layout match none of the patterns.
