@@ -150,13 +150,14 @@ class MiniGPT4PreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules = ["query_tokens", "qformer"]
     # Folders saved before the `model` / `lm_head` split (the BLIP-2 layout: the causal LM with its head under
     # `language_model`, the other parts at the top). `from_pretrained` renames their keys with this mapping
-    # (transformers' `key_mapping`); keys of the current layout match none of the patterns.
+    # (transformers' `key_mapping`); keys of the current layout match none of the patterns. `save_pretrained` always
+    # writes the current layout.
     _checkpoint_conversion_mapping = {
         r"^language_model\.model\.": "model.language_model.",
         r"^language_model\.lm_head\.": "lm_head.",
         r"^vision_model\.": "model.vision_model.",
         r"^qformer\.": "model.qformer.",
-        r"^query_tokens$": "model.query_tokens",
+        r"^query_tokens": "model.query_tokens",
         r"^language_projection\.": "model.language_projection.",
     }
 
@@ -172,10 +173,16 @@ class MiniGPT4PreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         kwargs.setdefault("key_mapping", cls._checkpoint_conversion_mapping)
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
         # Loading re-creates the parameters (all trainable); restore the configured freezing.
-        model.apply_freezing()
-        return model
+        (loaded[0] if isinstance(loaded, tuple) else loaded).apply_freezing()  # a tuple with `output_loading_info`
+        return loaded
+
+    def save_pretrained(self, *args, **kwargs):
+        # transformers would write a model loaded through `key_mapping` back in the layout it came from; the current
+        # layout is what Trainer checkpoints are resumed into (`load_state_dict`), so it is always the one written.
+        kwargs.setdefault("save_original_format", False)
+        return super().save_pretrained(*args, **kwargs)
 
     def train(self, mode: bool = True):
         """`nn.Module.train`, with the modules whose weights are all frozen kept in eval mode (see the config)."""
