@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, normalizers
 from transformers import BlipImageProcessorPil, PreTrainedTokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 
 
@@ -224,6 +224,7 @@ class MiniGPT4Processor(ProcessorMixin):
         max_length: int | None = None,
         add_special_tokens: bool = True,
         return_tensors: str | None = None,
+        return_mm_token_type_ids: bool = False,
         **kwargs,
     ) -> BatchFeature:
         """
@@ -240,6 +241,8 @@ class MiniGPT4Processor(ProcessorMixin):
             max_length: longest allowed row; a longer prompt raises (image tokens cannot be cut).
             add_special_tokens: put BOS in front of each prompt.
             return_tensors: `"pt"`, `"np"` or `None` (lists).
+            return_mm_token_type_ids: also return `mm_token_type_ids`, 1 at image tokens and 0 elsewhere (what
+                inference servers such as vLLM read to find the images).
         """
         for name, value in (("videos", videos), ("audio", audio), ("audios", kwargs.pop("audios", None))):
             if value is not None and len(value) > 0:
@@ -275,9 +278,22 @@ class MiniGPT4Processor(ProcessorMixin):
                     )
 
         data = self._pad(input_ids, labels, padding, padding_side or ("right" if suffixes else "left"), max_length)
+        if return_mm_token_type_ids:
+            data["mm_token_type_ids"] = self.create_mm_token_type_ids(data["input_ids"])
         if flat_images:
             data["pixel_values"] = self.image_processor(flat_images, return_tensors=return_tensors)["pixel_values"]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _get_num_multimodal_tokens(self, image_sizes: list[list[int]] | None = None, **kwargs) -> MultiModalData:
+        """
+        The number of image tokens each image of `image_sizes` (height, width) becomes: `num_query_tokens`, whatever
+        its size (every image is resized to the model's square input, one patch grid).
+        """
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(
+            num_image_tokens=[self.num_query_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes)
+        )
 
     def _match_images_to_texts(self, images, texts: list[str]) -> list:
         """Flattens `images` in placeholder order and checks the counts against the texts' placeholders."""

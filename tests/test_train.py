@@ -290,6 +290,15 @@ def test_weight_decay_goes_to_matrices_only(tiny):
                 if not name.startswith(("model.language_projection", "model.qformer", "model.query_tokens"))]
 
 
+def test_preparing_for_training_leaves_the_config_as_loaded(tiny):
+    model, _ = tiny
+    flags = {name: value for name, value in model.config.to_dict().items() if name.startswith("freeze")}
+    peft_model = prepare_model_for_training(model, unfreeze_qformer=True, lora_r=4, lora_alpha=8)
+    peft_model.train()
+    assert {name: value for name, value in model.config.to_dict().items() if name.startswith("freeze")} == flags
+    assert model.qformer.training and not model.vision_model.training
+
+
 def test_unfreeze_qformer_trains_the_qformer_and_query_tokens(tiny):
     model, _ = tiny
     model = prepare_model_for_training(model, unfreeze_qformer=True)
