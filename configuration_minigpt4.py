@@ -1,7 +1,8 @@
 """MiniGPT-4 configuration.
 
-MiniGPT-4 (Zhu et al., 2023) = frozen EVA-CLIP ViT-g/14 -> `ln_vision` -> frozen BLIP-2 Q-Former (32 learned queries)
--> one trained Linear (`llama_proj` in the original) -> 32 soft tokens spliced into a frozen Vicuna prompt.
+MiniGPT-4 (Zhu et al., 2023, arXiv:2304.10592) = frozen EVA-CLIP ViT-g/14 -> `ln_vision` -> frozen BLIP-2 Q-Former
+(32 learned queries) -> one trained Linear (`llama_proj` in `minigpt4/models/mini_gpt4.py@22d8888`) -> 32 soft tokens
+spliced into a frozen Vicuna prompt.
 
 The vision and Q-Former parts reuse transformers' BLIP-2 configurations (`Blip2VisionConfig`, `Blip2QFormerConfig`),
 so that BLIP-2 weights map onto them one to one. The defaults describe MiniGPT-4 with Vicuna-7B v0.
@@ -15,9 +16,10 @@ from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig, 
 
 # Label of the positions that take no loss (PyTorch's cross-entropy `ignore_index`).
 IGNORE_INDEX = -100
-# The prompt pieces of the original, shared by the processor, the chat template and the training presets.
+# The prompt pieces of the original (`minigpt4/conversation/conversation.py@22d8888`), shared by the processor, the
+# chat template and the training presets.
 DEFAULT_IMAGE_TOKEN = "<ImageHere>"
-# `CONV_VISION_Vicuna0.system` of the original conversation template.
+# `CONV_VISION_Vicuna0.system` (`minigpt4/conversation/conversation.py@d94738a`).
 DEFAULT_SYSTEM_PROMPT = (
     "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it to you. "
     "Please answer my questions."
@@ -51,13 +53,13 @@ class MiniGPT4Config(PreTrainedConfig):
             Id of the image placeholder token in `input_ids`. By default it lies just past the LLaMA vocabulary, so the
             language model's embedding table stays untouched (the id never reaches the embedding lookup).
         vision_layernorm_eps (`float`, defaults to 1e-5):
-            Epsilon of the LayerNorm after the ViT (`ln_vision` in the original, which used PyTorch's default 1e-5;
+            Epsilon of the LayerNorm after the ViT (`ln_vision` in `minigpt4/models/blip2.py@22d8888`, PyTorch's 1e-5;
             transformers' BLIP-2 uses the ViT's 1e-6 there).
         stop_token_ids (`list[list[int]]`, *optional*):
             Token-id sequences that end an assistant turn; generation stops each row on its own when it produces one.
             Defaults to LLaMA's two spellings of `###`: `[[835], [2277, 29937]]`.
         freeze_vision_model (`bool`, defaults to `True`):
-            No gradients for the ViT (and `ln_vision`), as in the original.
+            No gradients for the ViT (and `ln_vision`), as in `minigpt4/models/mini_gpt4.py@22d8888`.
         freeze_qformer (`bool`, defaults to `True`):
             No gradients for the Q-Former and its query tokens.
         freeze_language_model (`bool`, defaults to `True`):

@@ -219,8 +219,9 @@ class MiniGPT4Model(MiniGPT4PreTrainedModel):
         freeze_language_model: bool | None = None,
     ) -> None:
         """
-        Sets `requires_grad` of each part: by default from the config, where only `language_projection` trains (as
-        the original). An argument overrides the config for this call only (the config is left as it is).
+        Sets `requires_grad` of each part: by default from the config, where only `language_projection` trains (as in
+        `minigpt4/models/mini_gpt4.py@22d8888`). An argument overrides the config for this call only (the config
+        itself is left as it is).
         """
         config = self.config
         freeze_vision_model = config.freeze_vision_model if freeze_vision_model is None else freeze_vision_model

@@ -653,7 +653,9 @@ def derive_config(
     if not qformer_layers:
         raise ConversionError(plan.missing_message(["model.qformer.encoder.layer.0.intermediate_query.dense.weight"]))
     cross_layers = [
-        i for i in qformer_layers if f"model.qformer.encoder.layer.{i}.crossattention.attention.key.weight" in plan.tensors
+        i
+        for i in qformer_layers
+        if f"model.qformer.encoder.layer.{i}.crossattention.attention.key.weight" in plan.tensors
     ]
     frequency = _cross_attention_frequency(len(qformer_layers), cross_layers, qformer["cross_attention_frequency"])
     if frequency is None:

@@ -25,7 +25,7 @@ def load_model(folder):
 
 
 def load_processor(folder):
-    """The processor as the recipe sets it up for TRL: the chat template starts with BOS (TRL adds no special tokens)."""
+    """The processor as the recipe sets it up for TRL: its chat template writes BOS (TRL adds no special tokens)."""
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     processor.chat_template = "{{ bos_token }}" + processor.chat_template
     return processor
