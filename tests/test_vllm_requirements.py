@@ -32,8 +32,18 @@ def vllm_config(folder):
 
 
 @pytest.fixture(scope="module")
-def vllm_model(tiny_saved_dir):
-    return AutoModel.from_config(vllm_config(tiny_saved_dir), trust_remote_code=True).eval()
+def served_dir(tiny_shared, tmp_path_factory):
+    """A folder of its own: transformers keeps the class an Auto class gave for a folder's config for the process."""
+    model, processor = tiny_shared
+    folder = tmp_path_factory.mktemp("served_by_vllm")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vllm_model(served_dir):
+    return AutoModel.from_config(vllm_config(served_dir), trust_remote_code=True).eval()
 
 
 def vllm_forward(model, inputs_embeds, **kwargs):
@@ -57,9 +67,9 @@ def test_backbone_called_as_vllm_does_returns_hidden_states_first(vllm_model):
     assert outputs[0].shape == (1, 5, vllm_model.config.text_config.hidden_size)
 
 
-def test_backbone_hidden_states_are_those_the_head_of_the_full_model_reads(tiny_shared, tiny_saved_dir):
+def test_backbone_hidden_states_are_those_the_head_of_the_full_model_reads(tiny_shared, served_dir):
     model, _ = tiny_shared
-    backbone = AutoModel.from_pretrained(tiny_saved_dir, config=vllm_config(tiny_saved_dir), trust_remote_code=True)
+    backbone = AutoModel.from_pretrained(served_dir, config=vllm_config(served_dir), trust_remote_code=True)
     embeds = model.get_input_embeddings()(torch.tensor([[1, 20, 30, 40, 50]]))
     with torch.no_grad():
         hidden = vllm_forward(backbone, embeds)[0]
