@@ -225,7 +225,7 @@ def convert(args: argparse.Namespace) -> Path:
     config = derive_config(plan, text_config, overrides, base=base, stop_token_ids=stop_token_ids_for(tokenizer))
     names = check_against_model(plan, config)
     processor = MiniGPT4Processor.from_tokenizer(
-        tokenizer, image_size=config.vision_config.image_size, num_query_tokens=config.num_query_tokens
+        tokenizer, image_size=config.vision_config.image_size, num_image_tokens=config.num_image_tokens
     )
     config.image_token_id = processor.image_token_id
     config.architectures = ["MiniGPT4ForConditionalGeneration"]
