@@ -11,8 +11,9 @@ once, into a folder that later runs reuse:
   with its config and a tokenizer of that size;
 - `prerained_minigpt4_7b.pth`: the projection `llama_proj` 768 -> 4096 (the original's file name, typo included).
 
-`measure_conversion` then runs the converter on them in a child process and reads the child's peak resident set size
-(`ru_maxrss` = VmHWM, what `/usr/bin/time -v` reports as "Maximum resident set size"). Sizes are in decimal units,
+`measure_conversion` then runs the converter on them in a child process, which writes its own peak resident set size
+(VmHWM of /proc/self/status, what `/usr/bin/time -v` reports as "Maximum resident set size") when it exits. (The
+`ru_maxrss` of a child would not do: Linux starts it at the parent's size when it forks.) Sizes are in decimal units,
 as `--max-shard-size` parses them (1 GB = 10**9 bytes).
 """
 
@@ -23,6 +24,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -273,36 +275,52 @@ class ConversionMeasurement:
         return "\n".join(["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
 
 
-def _children_peak_rss() -> int:
-    """Largest peak RSS of the waited-for child processes, in bytes (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size: VmHWM (Linux), else `ru_maxrss` (macOS reports bytes, Linux KiB)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _run_measured(code: str, peak_file: Path, log) -> int:
+    """Runs `code` in a child Python that writes its peak RSS into `peak_file` at exit; returns its exit status."""
+    prologue = (
+        "import atexit, pathlib\n"
+        "from minigpt4_hf.benchmark_conversion import peak_rss_bytes\n"
+        f"atexit.register(lambda: pathlib.Path({str(peak_file)!r}).write_text(str(peak_rss_bytes())))\n"
+    )
+    return subprocess.run([sys.executable, "-c", prologue + code], stdout=log, stderr=subprocess.STDOUT).returncode
 
 
 def measure_conversion(inputs: dict[str, Path], output_dir: Path, max_shard_size: str, size: str,
                        log_path: Path | None = None) -> ConversionMeasurement:
     """
-    Runs `python -m minigpt4_hf.cli.convert` on `inputs` in a child process and returns its peak RSS against the
-    bound. A child that only imports the converter runs first, for the fixed cost of the process.
+    Runs `minigpt4_hf.cli.convert` on `inputs` in a child process and returns its peak RSS against the bound. A
+    child that only imports the converter runs first, for the fixed cost of the process.
     """
-    subprocess.run([sys.executable, "-c", "import minigpt4_hf.cli.convert"], check=True)
-    import_rss = _children_peak_rss()
-    argv = [sys.executable, "-m", "minigpt4_hf.cli.convert", "--output-dir", str(output_dir),
-            "--max-shard-size", max_shard_size, "--dtype", "float16"]
+    argv = ["--output-dir", str(output_dir), "--max-shard-size", max_shard_size, "--dtype", "float16"]
     for flag, path in inputs.items():
         argv += [flag, str(path)]
-    start = time.perf_counter()
-    with open(log_path or os.devnull, "w", encoding="utf-8") as log:
-        completed = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
-    if completed.returncode != 0:
-        raise RuntimeError(f"The conversion failed (exit {completed.returncode}); see {log_path or 'its output'}.")
+    with tempfile.TemporaryDirectory() as scratch, open(log_path or os.devnull, "w", encoding="utf-8") as log:
+        import_peak, convert_peak = Path(scratch) / "import", Path(scratch) / "convert"
+        _run_measured("import minigpt4_hf.cli.convert", import_peak, log)
+        start = time.perf_counter()
+        status = _run_measured(f"import sys\nfrom minigpt4_hf.cli.convert import main\nsys.exit(main({argv!r}))",
+                               convert_peak, log)
+        wall = time.perf_counter() - start
+        if status != 0:
+            raise RuntimeError(f"The conversion failed (exit {status}); see {log_path or 'its output'}.")
+        import_rss, peak_rss = int(import_peak.read_text()), int(convert_peak.read_text())
     return ConversionMeasurement(
         size=size,
         max_shard_size=max_shard_size,
         input_bytes=sum(folder_bytes(path) if path.is_dir() else path.stat().st_size for path in inputs.values()),
         output_bytes=folder_bytes(output_dir),
-        peak_rss_bytes=_children_peak_rss(),
+        peak_rss_bytes=peak_rss,
         import_rss_bytes=import_rss,
         bound_bytes=2 * parse_size_to_int(max_shard_size) + BOUND_SLACK_BYTES,
         wall_seconds=wall,
