@@ -198,6 +198,23 @@ def stop_token_ids_for(tokenizer, stop_text: str = TURN_SEPARATOR) -> list[list[
     return minimal
 
 
+def variant_stop_token_ids(tokenizer, variant: str) -> list[list[int]]:
+    """
+    The token-id sequences that end an answer of each variant: `###` for Vicuna v0 (its turn separator), EOS for
+    MiniGPT-v2 (`demo_v2.py@d94738a`), and both for MiniGPT-4 with Llama-2, whose original demo passes the `###` ids
+    while its model ends answers with EOS (EOS alone if the vocabulary cannot write `###`).
+    """
+    eos = [[tokenizer.eos_token_id]]
+    if variant == "v2":
+        return eos
+    if variant == "llama2":
+        try:
+            return eos + stop_token_ids_for(tokenizer)
+        except ValueError:  # a vocabulary without pieces for "#": EOS alone
+            return eos
+    return stop_token_ids_for(tokenizer)
+
+
 def minigpt4_image_processor(image_size: int = 224) -> BlipImageProcessorPil:
     """The original `blip2_image_eval` transform: squash-resize to a square with PIL bicubic, CLIP mean/std."""
     return BlipImageProcessorPil(
@@ -672,10 +689,16 @@ MiniGPT4Processor.register_for_auto_class("AutoProcessor")
 __all__ = [
     "MiniGPT4Processor",
     "CHAT_TEMPLATE",
+    "CHAT_TEMPLATES",
+    "TASK_IDENTIFIERS",
+    "GroundedAnswer",
+    "format_box",
+    "parse_grounded_answer",
     "IGNORE_INDEX",
     "load_rgb_image",
     "minigpt4_image_processor",
     "sentencepiece_faithful_tokenizer",
     "stop_token_ids_for",
+    "variant_stop_token_ids",
     "strip_turn_separator",
 ]

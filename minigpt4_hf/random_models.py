@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from configuration_minigpt4 import MiniGPT4Config
 from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
-from processing_minigpt4 import CHAT_TEMPLATES, MiniGPT4Processor, stop_token_ids_for
+from processing_minigpt4 import CHAT_TEMPLATES, MiniGPT4Processor, variant_stop_token_ids
 
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -104,15 +104,13 @@ def build_random_model(size: str = "tiny", tokenizer_dir: str | os.PathLike = TI
     text = dict(sizes["text_config"])
     text.update(vocab_size=len(tokenizer) - 1, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    hashes = stop_token_ids_for(tokenizer)
-    stops = {"vicuna0": hashes, "llama2": [[tokenizer.eos_token_id], *hashes], "v2": [[tokenizer.eos_token_id]]}
     settings = {
         "vision_config": vision,
         "qformer_config": dict(sizes["qformer_config"]),
         "text_config": text,
         "num_query_tokens": sizes["num_query_tokens"],
         "image_token_id": processor.image_token_id,
-        "stop_token_ids": stops[variant],
+        "stop_token_ids": variant_stop_token_ids(tokenizer, variant),
         "variant": variant,
         "use_qformer": variant == "vicuna0",
     }
