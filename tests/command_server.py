@@ -1,17 +1,18 @@
 """
 Runs this checkout's console commands (`minigpt4-chat`, ...) for tests/test_docs.py without paying for the imports of
-torch, transformers, datasets and peft at every command.
+torch, transformers and datasets at every command.
 
-`python tests/command_server.py SOCKET` imports every entry point that setup.py declares, prints `ready` and then
-serves requests on the Unix socket SOCKET: for each one it forks a child that takes over the caller's stdin, stdout
-and stderr (passed as file descriptors), working folder, environment and arguments, runs the entry point, and sends
-back its exit status. Each command thus starts from the same freshly imported state, as a new process would.
-`client_source` is the launcher that a command's name on PATH runs.
+`python tests/command_server.py SOCKET ENTRY_POINTS_JSON` imports the `minigpt4_hf` package and the entry points,
+prints `ready`, then serves requests on the Unix socket SOCKET: for each one it forks a child that takes over the
+caller's stdin, stdout and stderr (passed as file descriptors), working folder, environment and arguments, runs the
+entry point and sends back its exit status. Each command thus starts from the same freshly imported state, as a new
+process would. `client_source` is the launcher that a command's name on PATH runs.
 """
 
 import importlib
 import json
 import os
+import pkgutil
 import signal
 import socket
 import sys
@@ -75,7 +76,16 @@ def run_request(connection: socket.socket, entry_points: dict) -> None:
     os._exit(0)
 
 
+def import_the_package() -> None:
+    """Imports every module of `minigpt4_hf` (and so torch, transformers, datasets ...), which the tools defer."""
+    import minigpt4_hf
+
+    for module in pkgutil.walk_packages(minigpt4_hf.__path__, prefix="minigpt4_hf."):
+        importlib.import_module(module.name)
+
+
 def serve(socket_path: str, targets: dict[str, str]) -> None:
+    import_the_package()
     entry_points = {}
     for command, target in targets.items():
         module, function = target.split(":")
