@@ -57,6 +57,8 @@ setup(
             "playwright>=1.40",
             # tests/test_benchmark.py runs scripts/benchmark.py, which plots tokens/s against batch size.
             "matplotlib>=3.8",
+            # tests/test_trl.py fine-tunes with TRL's SFTTrainer (docs/fine-tuning-trl.md).
+            "trl>=1.16",
         ],
     },
 )

@@ -80,7 +80,7 @@ class RenameRule:
 
 # The EVA ViT's attention has q and v biases but no k bias; the converted qkv bias is cat(q_bias, zeros, v_bias).
 QKV_BIAS_SOURCES = ("blocks.{layer}.attn.q_bias", "blocks.{layer}.attn.v_bias")
-QKV_BIAS_TARGET = "vision_model.encoder.layers.{layer}.self_attn.qkv.bias"
+QKV_BIAS_TARGET = "model.vision_model.encoder.layers.{layer}.self_attn.qkv.bias"
 
 
 def qkv_bias(q_bias: torch.Tensor, v_bias: torch.Tensor) -> torch.Tensor:
@@ -129,16 +129,16 @@ def _has_prefix(*prefixes: str) -> Callable[[set[str]], bool]:
     return lambda keys: any(key.startswith(prefixes) for key in keys)
 
 
-_VIT_LAYER = "vision_model.encoder.layers.{layer}"
+_VIT_LAYER = "model.vision_model.encoder.layers.{layer}"
 KINDS = {
     "vit": InputKind(
         flag="--vit-checkpoint",
         description="an EVA ViT checkpoint (eva_vit_g.pth: bare keys 'cls_token', 'pos_embed', 'blocks.{i}.*')",
         looks_like=lambda keys: "pos_embed" in keys or any(key.startswith("blocks.") for key in keys),
         rules=(
-            RenameRule("cls_token", "vision_model.embeddings.class_embedding"),
-            RenameRule("pos_embed", "vision_model.embeddings.position_embedding"),
-            RenameRule("patch_embed.proj.{param}", "vision_model.embeddings.patch_embedding.{param}"),
+            RenameRule("cls_token", "model.vision_model.embeddings.class_embedding"),
+            RenameRule("pos_embed", "model.vision_model.embeddings.position_embedding"),
+            RenameRule("patch_embed.proj.{param}", "model.vision_model.embeddings.patch_embedding.{param}"),
             RenameRule("blocks.{layer}.norm{norm}.{param}", _VIT_LAYER + ".layer_norm{norm}.{param}"),
             RenameRule("blocks.{layer}.attn.qkv.weight", _VIT_LAYER + ".self_attn.qkv.weight"),
             RenameRule("blocks.{layer}.attn.proj.{param}", _VIT_LAYER + ".self_attn.projection.{param}"),
@@ -151,14 +151,14 @@ KINDS = {
         "'Qformer.bert.*'}})",
         looks_like=lambda keys: "query_tokens" in keys or any(key.startswith("Qformer.") for key in keys),
         rules=(
-            RenameRule("ln_vision.{param}", "vision_model.post_layernorm.{param}"),
-            RenameRule("query_tokens", "query_tokens"),
-            RenameRule("Qformer.bert.embeddings.LayerNorm.{param}", "qformer.layernorm.{param}"),
+            RenameRule("ln_vision.{param}", "model.vision_model.post_layernorm.{param}"),
+            RenameRule("query_tokens", "model.query_tokens"),
+            RenameRule("Qformer.bert.embeddings.LayerNorm.{param}", "model.qformer.layernorm.{param}"),
             RenameRule(
                 "Qformer.bert.encoder.layer.{layer}.{block}.self.{rest}",
-                "qformer.encoder.layer.{layer}.{block}.attention.{rest}",
+                "model.qformer.encoder.layer.{layer}.{block}.attention.{rest}",
             ),
-            RenameRule("Qformer.bert.encoder.layer.{layer}.{rest}", "qformer.encoder.layer.{layer}.{rest}"),
+            RenameRule("Qformer.bert.encoder.layer.{layer}.{rest}", "model.qformer.encoder.layer.{layer}.{rest}"),
         ),
         ignored=(
             (r"^Qformer\.bert\.embeddings\.position_ids$", "buffer of the Q-Former's text embeddings (removed)"),
@@ -170,16 +170,16 @@ KINDS = {
         description="a MiniGPT-4 projection checkpoint (pretrained_minigpt4.pth: {'model': {'llama_proj.weight', "
         "'llama_proj.bias'}})",
         looks_like=_has_prefix("llama_proj."),
-        rules=(RenameRule("llama_proj.{param}", "language_projection.{param}"),),
+        rules=(RenameRule("llama_proj.{param}", "model.language_projection.{param}"),),
     ),
     "blip2": InputKind(
         flag="--blip2",
         description="a transformers BLIP-2 checkpoint (keys 'vision_model.*', 'qformer.*', 'query_tokens')",
         looks_like=_has_prefix("vision_model.", "qformer."),
         rules=(
-            RenameRule("vision_model.{rest}", "vision_model.{rest}"),
-            RenameRule("qformer.{rest}", "qformer.{rest}"),
-            RenameRule("query_tokens", "query_tokens"),
+            RenameRule("vision_model.{rest}", "model.vision_model.{rest}"),
+            RenameRule("qformer.{rest}", "model.qformer.{rest}"),
+            RenameRule("query_tokens", "model.query_tokens"),
         ),
         ignored=(
             (r"^language_model\.", "BLIP-2's own language model"),
@@ -191,7 +191,10 @@ KINDS = {
         description="a LLaMA / Vicuna state dict in transformers format ('model.embed_tokens.weight', "
         "'model.layers.{i}.*', 'lm_head.weight')",
         looks_like=lambda keys: any("embed_tokens" in key for key in keys),
-        rules=(RenameRule("{rest}", "language_model.{rest}"),),
+        rules=(
+            RenameRule("model.{rest}", "model.language_model.{rest}"),
+            RenameRule("lm_head.{rest}", "lm_head.{rest}"),
+        ),
         ignored=((r"\.rotary_emb\.inv_freq$", "rotary frequencies, recomputed from the config"),),
     ),
 }
@@ -473,13 +476,13 @@ class ConversionPlan:
 
     def drop_vision_layers_from(self, depth: int) -> None:
         """Drops ViT blocks `>= depth` (the real eva_vit_g.pth holds 40 blocks; MiniGPT-4 uses 39)."""
-        available = self.layer_indices("vision_model.encoder.layers")
+        available = self.layer_indices("model.vision_model.encoder.layers")
         dropped = [i for i in available if i >= depth]
         if not dropped:
             return
         origin = None
         for i in dropped:
-            prefix = f"vision_model.encoder.layers.{i}."
+            prefix = f"model.vision_model.encoder.layers.{i}."
             for key in [key for key in self.tensors if key.startswith(prefix)]:
                 origin = self.tensors.pop(key).sources[0].origin
         blocks = f"block {dropped[0]}" if len(dropped) == 1 else f"blocks {dropped[0]}-{dropped[-1]}"
@@ -618,39 +621,41 @@ def derive_config(
     qformer_overrides = overrides.get("qformer_config", {})
 
     # ViT: width, patch, image size, MLP width, depth.
-    position_shape = plan.shape("vision_model.embeddings.position_embedding")  # (1, 1 + grid**2, width)
-    patch_shape = plan.shape("vision_model.embeddings.patch_embedding.weight")  # (width, 3, patch, patch)
+    position_shape = plan.shape("model.vision_model.embeddings.position_embedding")  # (1, 1 + grid**2, width)
+    patch_shape = plan.shape("model.vision_model.embeddings.patch_embedding.weight")  # (width, 3, patch, patch)
     width, patch_size = position_shape[-1], patch_shape[-1]
     grid = math.isqrt(position_shape[1] - 1)
     if grid * grid != position_shape[1] - 1:
-        source = plan.tensors["vision_model.embeddings.position_embedding"].describe()
+        source = plan.tensors["model.vision_model.embeddings.position_embedding"].describe()
         raise ConversionError(f"{source} has shape {list(position_shape)}: not 1 + a square grid of positions.")
-    available_layers = plan.layer_indices("vision_model.encoder.layers")
+    available_layers = plan.layer_indices("model.vision_model.encoder.layers")
     if not available_layers:
-        raise ConversionError(plan.missing_message(["vision_model.encoder.layers.0.mlp.fc1.weight"]))
+        raise ConversionError(plan.missing_message(["model.vision_model.encoder.layers.0.mlp.fc1.weight"]))
     vision.update(
         hidden_size=width,
         patch_size=patch_size,
         image_size=grid * patch_size,
-        intermediate_size=plan.shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
+        intermediate_size=plan.shape("model.vision_model.encoder.layers.0.mlp.fc1.weight")[0],
         qkv_bias=True,
     )
     depth = vision_overrides.get("num_hidden_layers", min(vision["num_hidden_layers"], len(available_layers)))
     if depth > len(available_layers):
         raise ConversionError(
-            plan.missing_message([f"vision_model.encoder.layers.{len(available_layers)}.mlp.fc1.weight"])
+            plan.missing_message([f"model.vision_model.encoder.layers.{len(available_layers)}.mlp.fc1.weight"])
             + f"\n  (the configuration asks for {depth} ViT blocks; the file holds {len(available_layers)})"
         )
     vision["num_hidden_layers"] = depth
     plan.drop_vision_layers_from(depth)
 
     # Q-Former: width, queries, depth, FFN width, cross-attention layers and the width they attend to.
-    query_shape = plan.shape("query_tokens")  # (1, num_query_tokens, qformer_width)
-    qformer_layers = plan.layer_indices("qformer.encoder.layer")
+    query_shape = plan.shape("model.query_tokens")  # (1, num_query_tokens, qformer_width)
+    qformer_layers = plan.layer_indices("model.qformer.encoder.layer")
     if not qformer_layers:
-        raise ConversionError(plan.missing_message(["qformer.encoder.layer.0.intermediate_query.dense.weight"]))
+        raise ConversionError(plan.missing_message(["model.qformer.encoder.layer.0.intermediate_query.dense.weight"]))
     cross_layers = [
-        i for i in qformer_layers if f"qformer.encoder.layer.{i}.crossattention.attention.key.weight" in plan.tensors
+        i
+        for i in qformer_layers
+        if f"model.qformer.encoder.layer.{i}.crossattention.attention.key.weight" in plan.tensors
     ]
     frequency = _cross_attention_frequency(len(qformer_layers), cross_layers, qformer["cross_attention_frequency"])
     if frequency is None:
@@ -661,22 +666,22 @@ def derive_config(
     qformer.update(
         hidden_size=query_shape[-1],
         num_hidden_layers=len(qformer_layers),
-        intermediate_size=plan.shape("qformer.encoder.layer.0.intermediate_query.dense.weight")[0],
+        intermediate_size=plan.shape("model.qformer.encoder.layer.0.intermediate_query.dense.weight")[0],
         cross_attention_frequency=frequency,
     )
     if cross_layers:
-        cross_key = f"qformer.encoder.layer.{cross_layers[0]}.crossattention.attention.key.weight"
+        cross_key = f"model.qformer.encoder.layer.{cross_layers[0]}.crossattention.attention.key.weight"
         if plan.shape(cross_key)[1] != width:
             raise ConversionError(
                 f"{plan.tensors[cross_key].describe()} has shape {list(plan.shape(cross_key))}: the Q-Former "
                 f"attends to image features of width {plan.shape(cross_key)[1]}, but the ViT "
-                f"({plan.tensors['vision_model.embeddings.position_embedding'].sources[0].origin}) has width "
+                f"({plan.tensors['model.vision_model.embeddings.position_embedding'].sources[0].origin}) has width "
                 f"{width}. The two files do not belong together."
             )
 
     # Projection (llama_proj): Q-Former width -> language-model width.
-    projection_shape = plan.shape("language_projection.weight")  # (text_width, qformer_width)
-    projection_source = plan.tensors["language_projection.weight"].describe()
+    projection_shape = plan.shape("model.language_projection.weight")  # (text_width, qformer_width)
+    projection_source = plan.tensors["model.language_projection.weight"].describe()
     if projection_shape[1] != qformer["hidden_size"]:
         raise ConversionError(
             f"{projection_source} has shape {list(projection_shape)}: it takes Q-Former features of width "

@@ -39,6 +39,26 @@ def tiny_saved_dir(tmp_path_factory, tiny_shared):
     return folder
 
 
+@pytest.fixture(scope="session")
+def converted_tiny_dir(tmp_path_factory):
+    """tests/fixtures/original_tiny converted by the converter (float32): a Hub-style folder. Do not modify it."""
+    from minigpt4_hf.cli.convert import main as convert_main
+
+    weights = ORIGINAL_TINY / "weights"
+    output_dir = tmp_path_factory.mktemp("converted") / "minigpt4-original-tiny"
+    exit_code = convert_main([
+        "--vit-checkpoint", str(weights / "eva_vit_g.pth"),
+        "--qformer-checkpoint", str(weights / "blip2_pretrained_flant5xxl.pth"),
+        "--llm", str(weights / "vicuna_tiny"),
+        "--projection-checkpoint", str(weights / "pretrained_minigpt4.pth"),
+        "--config-overrides", str(REPO_ROOT / "tests" / "fixtures" / "original_tiny_overrides.json"),
+        "--dtype", "float32",
+        "--output-dir", str(output_dir),
+    ])
+    assert exit_code == 0
+    return output_dir
+
+
 @pytest.fixture
 def example_image():
     return Image.open(EXAMPLE_IMAGE).convert("RGB")

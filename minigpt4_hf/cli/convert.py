@@ -176,9 +176,9 @@ def read_language_model(llm_dir: Path):
 
 def check_vocabulary(tokenizer, plan, llm_dir: Path) -> int:
     """Returns the embedding rows; raises when the tokenizer does not fit them (the Vicuna v0 / v1.1 trap)."""
-    embedding_keys = [key for key in plan.tensors if key.startswith("language_model.") and "embed_tokens" in key]
+    embedding_keys = [key for key in plan.tensors if key.startswith("model.language_model.") and "embed_tokens" in key]
     if not embedding_keys:
-        raise ConversionError(plan.missing_message(["language_model.model.embed_tokens.weight"]))
+        raise ConversionError(plan.missing_message(["model.language_model.embed_tokens.weight"]))
     embedding = plan.tensors[embedding_keys[0]]
     rows = embedding.shape[0]
     if len(tokenizer) != rows:
@@ -238,7 +238,7 @@ def convert(args: argparse.Namespace) -> Path:
     keep_in_fp32 = tuple(modeling_minigpt4.MiniGPT4PreTrainedModel._keep_in_fp32_modules)
 
     def dtype_of(name: str) -> torch.dtype:
-        if dtype == torch.float16 and name.split(".")[0] in keep_in_fp32:
+        if dtype == torch.float16 and name.removeprefix("model.").split(".")[0] in keep_in_fp32:
             return torch.float32  # loaded back in float32 anyway (`_keep_in_fp32_modules`); keep the precision
         return dtype
 

@@ -196,8 +196,6 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     model, processor = load_model_and_processor(
         model_args.model_name_or_path, dtype=MODEL_DTYPES[model_args.model_dtype]
     )
-    freeze_flags = {name: getattr(model.config, name)
-                    for name in ("freeze_vision_model", "freeze_qformer", "freeze_language_model")}
     image_size = model.config.vision_config.image_size
     if getattr(processor.image_processor.size, "height", None) != image_size:
         logger.warning("The processor resizes to %s but the model takes %s px images; using %s.",
@@ -257,7 +255,6 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     if trainer.args.should_save:
         save_trained_model(
             trainer.model, processor, training_args.output_dir, merge_lora=model_args.merge_lora,
-            freeze_flags=freeze_flags,
             metadata={"stage": str(data_args.stage), "global_step": str(trainer.state.global_step)},
         )
         logger.info("Saved the trained model to %s and the projection alone to %s", training_args.output_dir,
