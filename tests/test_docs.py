@@ -49,16 +49,20 @@ class Block:
 
 
 def fenced_blocks(page: str) -> list[Block]:
-    """The fenced code blocks of a page, with their info strings (`bash`, `python notest`, `text`, ...)."""
-    blocks, opened, info, body = [], None, "", []
+    """
+    The fenced code blocks of a page, with their info strings (`bash`, `python notest`, `text`, ...); a block indented
+    in a list item loses that indentation.
+    """
+    blocks, opened, indent, info, body = [], None, 0, "", []
     for number, line in enumerate((REPO_ROOT / page).read_text(encoding="utf-8").splitlines(), start=1):
-        if opened is None and line.startswith("```"):
-            opened, info, body = number, line[3:].strip(), []
-        elif opened is not None and line.rstrip() == "```":
+        stripped = line.lstrip()
+        if opened is None and stripped.startswith("```"):
+            opened, indent, info, body = number, len(line) - len(stripped), stripped[3:].strip(), []
+        elif opened is not None and stripped.rstrip() == "```":
             blocks.append(Block(page, opened, info, "\n".join(body) + "\n"))
             opened = None
         elif opened is not None:
-            body.append(line)
+            body.append(line[indent:] if not line[:indent].strip() else stripped)
     assert opened is None, f"{page}:{opened}: code block never closed"
     return blocks
 
