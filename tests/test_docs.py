@@ -30,7 +30,7 @@ from conftest import REPO_ROOT
 PAGES = ["README.md", *sorted(str(path.relative_to(REPO_ROOT)) for path in (REPO_ROOT / "docs").glob("*.md"))]
 RUN = {"bash", "python"}
 NOT_RUN = {"bash notest", "python notest"}
-NOT_CODE = {"text"}
+NOT_CODE = {"text", "json"}
 README_BYTES_LIMIT = 15_000
 # What a docs folder needs from the checkout (read only: blocks write their outputs next to these).
 CHECKOUT_PARTS = ("minigpt4_hf", "scripts", "tests")
