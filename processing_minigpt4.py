@@ -1,9 +1,11 @@
 """MiniGPT-4 processor: images as the original eval transform, prompts tokenized exactly as the original did.
 
-The original split a prompt at each `<ImageHere>` and tokenized the pieces separately (BOS on the first piece only,
-sentencepiece's word-start marker at the start of every piece), then put one image's soft tokens between pieces. This
-processor builds the same ids, with each image a run of `num_image_tokens` image-token ids that the model replaces by
-the image features. A literal `<s>` / `</s>` in the text becomes the BOS / EOS id, as with the original tokenizer.
+The original (`Chat.get_context_emb` in `minigpt4/conversation/conversation.py@22d8888`, `prompt_wrap` in
+`minigpt4/models/mini_gpt4.py@22d8888`) split a prompt at each `<ImageHere>` and tokenized the pieces separately
+(BOS on the first piece only, sentencepiece's word-start marker at the start of every piece), then put one image's
+soft tokens between pieces. This processor builds the same ids, with each image a run of `num_image_tokens`
+image-token ids that the model replaces by the image features. A literal `<s>` / `</s>` in the text becomes the BOS /
+EOS id, as with the original tokenizer.
 
 For MiniGPT-v2 it also reads and writes the boxes of its grounding answers (`{<x1><y1><x2><y2>}`, 0-100 grid).
 """
@@ -18,18 +20,17 @@ from tokenizers import Tokenizer, normalizers
 from transformers import BlipImageProcessorPil, PreTrainedTokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 
 
 try:
-    from .configuration_minigpt4 import DEFAULT_IMAGE_TOKEN, DEFAULT_SYSTEM_PROMPT
+    from .configuration_minigpt4 import DEFAULT_IMAGE_TOKEN, DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX
 except ImportError:  # imported as a top-level module (pip install .) rather than as Hub remote code
-    from configuration_minigpt4 import DEFAULT_IMAGE_TOKEN, DEFAULT_SYSTEM_PROMPT
+    from configuration_minigpt4 import DEFAULT_IMAGE_TOKEN, DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX
 
 
-IGNORE_INDEX = -100
-# The end of an assistant turn (the original's `sep`).
+# The end of an assistant turn (`sep` of `CONV_VISION`, `minigpt4/conversation/conversation.py@22d8888`).
 TURN_SEPARATOR = "###"
 
 # Task identifiers of MiniGPT-v2, written at the start of the user's text (`[refer] where is the cat?`); the six the
@@ -216,7 +217,10 @@ def variant_stop_token_ids(tokenizer, variant: str) -> list[list[int]]:
 
 
 def minigpt4_image_processor(image_size: int = 224) -> BlipImageProcessorPil:
-    """The original `blip2_image_eval` transform: squash-resize to a square with PIL bicubic, CLIP mean/std."""
+    """
+    The original `blip2_image_eval` transform (`minigpt4/processors/blip_processors.py@22d8888`): squash-resize to a
+    square with PIL bicubic, CLIP mean/std.
+    """
     return BlipImageProcessorPil(
         size={"height": image_size, "width": image_size},
         resample=PILImageResampling.BICUBIC,
@@ -231,7 +235,8 @@ def minigpt4_image_processor(image_size: int = 224) -> BlipImageProcessorPil:
 
 def load_rgb_image(image):
     """
-    Returns `image` as the original saw it: a PIL image made RGB with `convert("RGB")` (alpha dropped, not composited).
+    Returns `image` as the original saw it (`Chat.upload_img`, `minigpt4/conversation/conversation.py@22d8888`): a PIL
+    image made RGB with `convert("RGB")` (alpha dropped, not composited).
 
     Accepts a PIL image, a file path, encoded image bytes, or a uint8 HxWxC array; float arrays and tensors pass
     through unchanged (they are taken as RGB). 16-bit and float grey images are scaled to 8 bits first (PIL's own
@@ -319,10 +324,9 @@ def parse_grounded_answer(text: str, image_size: tuple[int, int]) -> GroundedAns
     Returns:
         [`GroundedAnswer`]: one entry per readable box; malformed box text is listed in `.problems`, never raised.
     """
-    events = sorted(
-        [(m.start(), 0, m) for m in _PHRASE_TEXT.finditer(text)] + [(m.start(), 1, m) for m in _BOX_TEXT.finditer(text)],
-        key=lambda event: (event[0], event[1]),
-    )
+    phrases = [(match.start(), 0, match) for match in _PHRASE_TEXT.finditer(text)]
+    boxes = [(match.start(), 1, match) for match in _BOX_TEXT.finditer(text)]
+    events = sorted(phrases + boxes, key=lambda event: (event[0], event[1]))
     objects, problems, removed = [], [], []
     phrase, anchor = None, None  # the current phrase and where the text after it (or its last box) starts
     for _, is_box, match in events:
@@ -445,6 +449,7 @@ class MiniGPT4Processor(ProcessorMixin):
         max_length: int | None = None,
         add_special_tokens: bool = True,
         return_tensors: str | None = None,
+        return_mm_token_type_ids: bool = False,
         **kwargs,
     ) -> BatchFeature:
         """
@@ -462,7 +467,8 @@ class MiniGPT4Processor(ProcessorMixin):
                 ...]`: every piece is tokenized on its own, the answers are labelled and the later questions (each
                 starting with a literal `<s>`, e.g. `"<s>[INST] q2 [/INST]"`) are not, as the original's
                 `tokenize_conversation` (`minigpt4/models/minigpt_base.py@d94738a`).
-            max_txt_len: the suffix is cut to this many tokens (the original's `max_txt_len`).
+            max_txt_len: the suffix is cut to this many tokens (`max_txt_len` of
+                `minigpt4/models/mini_gpt4.py@22d8888`).
             padding: pad to the longest row (`True`/`"longest"`) or to `max_length` (`"max_length"`).
             padding_side: `"left"` or `"right"`; defaults to right with a suffix (training), left otherwise
                 (generation).
@@ -470,6 +476,8 @@ class MiniGPT4Processor(ProcessorMixin):
             add_special_tokens: put BOS in front of each prompt (a literal `<s>` in the text adds another, as the
                 original tokenizer did).
             return_tensors: `"pt"`, `"np"` or `None` (lists).
+            return_mm_token_type_ids: also return `mm_token_type_ids`, 1 at image tokens and 0 elsewhere (what
+                inference servers such as vLLM read to find the images).
         """
         if self._chat_add_special_tokens is not None:
             add_special_tokens = self._chat_add_special_tokens
@@ -507,6 +515,8 @@ class MiniGPT4Processor(ProcessorMixin):
                     )
 
         data = self._pad(input_ids, labels, padding, padding_side or ("right" if suffixes else "left"), max_length)
+        if return_mm_token_type_ids:
+            data["mm_token_type_ids"] = self.create_mm_token_type_ids(data["input_ids"])
         if flat_images:
             data["pixel_values"] = self.image_processor(flat_images, return_tensors=return_tensors)["pixel_values"]
         return BatchFeature(data=data, tensor_type=return_tensors)
@@ -535,6 +545,17 @@ class MiniGPT4Processor(ProcessorMixin):
             return super().apply_chat_template(conversation, chat_template, **kwargs)
         finally:
             self._chat_add_special_tokens = None
+
+    def _get_num_multimodal_tokens(self, image_sizes: list[list[int]] | None = None, **kwargs) -> MultiModalData:
+        """
+        The number of image tokens each image of `image_sizes` (height, width) becomes: `num_image_tokens`, whatever
+        its size (every image is resized to the model's square input, one patch grid).
+        """
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(
+            num_image_tokens=[self.num_image_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes)
+        )
 
     def _match_images_to_texts(self, images, texts: list[str]) -> list:
         """Flattens `images` in placeholder order and checks the counts against the texts' placeholders."""
@@ -663,9 +684,9 @@ class MiniGPT4Processor(ProcessorMixin):
 
     def decode_answers(self, generated_ids, prompt_length: int = 0) -> list[str]:
         """
-        The assistant's answers as the original `Chat.answer` post-processed them: the new tokens after
-        `prompt_length`, decoded without special tokens, cut at the first `###`, after the last `Assistant:`,
-        stripped.
+        The assistant's answers as `Chat.answer` (`minigpt4/conversation/conversation.py@22d8888`) post-processed them:
+        the new tokens after `prompt_length`, decoded without special tokens, cut at the first `###`, after the last
+        `Assistant:`, stripped.
         """
         texts = self.tokenizer.batch_decode(
             [list(ids)[prompt_length:] for ids in generated_ids], skip_special_tokens=True

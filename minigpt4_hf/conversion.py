@@ -94,7 +94,7 @@ class RenameRule:
 
 # The EVA ViT's attention has q and v biases but no k bias; the converted qkv bias is cat(q_bias, zeros, v_bias).
 QKV_BIAS_SOURCES = ("blocks.{layer}.attn.q_bias", "blocks.{layer}.attn.v_bias")
-QKV_BIAS_TARGET = "vision_model.encoder.layers.{layer}.self_attn.qkv.bias"
+QKV_BIAS_TARGET = "model.vision_model.encoder.layers.{layer}.self_attn.qkv.bias"
 
 
 def qkv_bias(q_bias: torch.Tensor, v_bias: torch.Tensor) -> torch.Tensor:
@@ -143,16 +143,16 @@ def _has_prefix(*prefixes: str) -> Callable[[set[str]], bool]:
     return lambda keys: any(key.startswith(prefixes) for key in keys)
 
 
-_VIT_LAYER = "vision_model.encoder.layers.{layer}"
+_VIT_LAYER = "model.vision_model.encoder.layers.{layer}"
 KINDS = {
     "vit": InputKind(
         flag="--vit-checkpoint",
         description="an EVA ViT checkpoint (eva_vit_g.pth: bare keys 'cls_token', 'pos_embed', 'blocks.{i}.*')",
         looks_like=lambda keys: "pos_embed" in keys or any(key.startswith("blocks.") for key in keys),
         rules=(
-            RenameRule("cls_token", "vision_model.embeddings.class_embedding"),
-            RenameRule("pos_embed", "vision_model.embeddings.position_embedding"),
-            RenameRule("patch_embed.proj.{param}", "vision_model.embeddings.patch_embedding.{param}"),
+            RenameRule("cls_token", "model.vision_model.embeddings.class_embedding"),
+            RenameRule("pos_embed", "model.vision_model.embeddings.position_embedding"),
+            RenameRule("patch_embed.proj.{param}", "model.vision_model.embeddings.patch_embedding.{param}"),
             RenameRule("blocks.{layer}.norm{norm}.{param}", _VIT_LAYER + ".layer_norm{norm}.{param}"),
             RenameRule("blocks.{layer}.attn.qkv.weight", _VIT_LAYER + ".self_attn.qkv.weight"),
             RenameRule("blocks.{layer}.attn.proj.{param}", _VIT_LAYER + ".self_attn.projection.{param}"),
@@ -165,14 +165,14 @@ KINDS = {
         "'Qformer.bert.*'}})",
         looks_like=lambda keys: "query_tokens" in keys or any(key.startswith("Qformer.") for key in keys),
         rules=(
-            RenameRule("ln_vision.{param}", "vision_model.post_layernorm.{param}"),
-            RenameRule("query_tokens", "query_tokens"),
-            RenameRule("Qformer.bert.embeddings.LayerNorm.{param}", "qformer.layernorm.{param}"),
+            RenameRule("ln_vision.{param}", "model.vision_model.post_layernorm.{param}"),
+            RenameRule("query_tokens", "model.query_tokens"),
+            RenameRule("Qformer.bert.embeddings.LayerNorm.{param}", "model.qformer.layernorm.{param}"),
             RenameRule(
                 "Qformer.bert.encoder.layer.{layer}.{block}.self.{rest}",
-                "qformer.encoder.layer.{layer}.{block}.attention.{rest}",
+                "model.qformer.encoder.layer.{layer}.{block}.attention.{rest}",
             ),
-            RenameRule("Qformer.bert.encoder.layer.{layer}.{rest}", "qformer.encoder.layer.{layer}.{rest}"),
+            RenameRule("Qformer.bert.encoder.layer.{layer}.{rest}", "model.qformer.encoder.layer.{layer}.{rest}"),
         ),
         ignored=(
             (r"^Qformer\.bert\.embeddings\.position_ids$", "buffer of the Q-Former's text embeddings (removed)"),
@@ -185,9 +185,9 @@ KINDS = {
         "minigptv2_checkpoint.pth: {'model': {'llama_proj.weight', 'llama_proj.bias', LoRA tensors}})",
         looks_like=_has_prefix("llama_proj."),
         rules=(
-            RenameRule("llama_proj.{param}", "language_projection.{param}"),
+            RenameRule("llama_proj.{param}", "model.language_projection.{param}"),
             # Not in the released files (ln_vision is frozen, and frozen weights are not saved), used if present.
-            RenameRule("ln_vision.{param}", "vision_model.post_layernorm.{param}"),
+            RenameRule("ln_vision.{param}", "model.vision_model.post_layernorm.{param}"),
         ),
     ),
     "blip2": InputKind(
@@ -195,9 +195,9 @@ KINDS = {
         description="a transformers BLIP-2 checkpoint (keys 'vision_model.*', 'qformer.*', 'query_tokens')",
         looks_like=_has_prefix("vision_model.", "qformer."),
         rules=(
-            RenameRule("vision_model.{rest}", "vision_model.{rest}"),
-            RenameRule("qformer.{rest}", "qformer.{rest}"),
-            RenameRule("query_tokens", "query_tokens"),
+            RenameRule("vision_model.{rest}", "model.vision_model.{rest}"),
+            RenameRule("qformer.{rest}", "model.qformer.{rest}"),
+            RenameRule("query_tokens", "model.query_tokens"),
         ),
         ignored=(
             (r"^language_model\.", "BLIP-2's own language model"),
@@ -209,7 +209,10 @@ KINDS = {
         description="a LLaMA / Vicuna state dict in transformers format ('model.embed_tokens.weight', "
         "'model.layers.{i}.*', 'lm_head.weight')",
         looks_like=lambda keys: any("embed_tokens" in key for key in keys),
-        rules=(RenameRule("{rest}", "language_model.{rest}"),),
+        rules=(
+            RenameRule("model.{rest}", "model.language_model.{rest}"),
+            RenameRule("lm_head.{rest}", "lm_head.{rest}"),
+        ),
         ignored=((r"\.rotary_emb\.inv_freq$", "rotary frequencies, recomputed from the config"),),
     ),
 }
@@ -672,13 +675,13 @@ class ConversionPlan:
 
     def drop_vision_layers_from(self, depth: int) -> None:
         """Drops ViT blocks `>= depth` (the real eva_vit_g.pth holds 40 blocks; MiniGPT-4 uses 39)."""
-        available = self.layer_indices("vision_model.encoder.layers")
+        available = self.layer_indices("model.vision_model.encoder.layers")
         dropped = [i for i in available if i >= depth]
         if not dropped:
             return
         origin = None
         for i in dropped:
-            prefix = f"vision_model.encoder.layers.{i}."
+            prefix = f"model.vision_model.encoder.layers.{i}."
             for key in [key for key in self.tensors if key.startswith(prefix)]:
                 origin = self.tensors.pop(key).sources[0].origin
         blocks = f"block {dropped[0]}" if len(dropped) == 1 else f"blocks {dropped[0]}-{dropped[-1]}"
@@ -822,26 +825,26 @@ def derive_config(
     merge = overrides.get("vision_token_merge", defaults.vision_token_merge)
 
     # ViT: width, patch, image size (the variant's, or the file's), MLP width, depth.
-    position_shape = plan.shape("vision_model.embeddings.position_embedding")  # (1, 1 + grid**2, width)
-    patch_shape = plan.shape("vision_model.embeddings.patch_embedding.weight")  # (width, 3, patch, patch)
+    position_shape = plan.shape("model.vision_model.embeddings.position_embedding")  # (1, 1 + grid**2, width)
+    patch_shape = plan.shape("model.vision_model.embeddings.patch_embedding.weight")  # (width, 3, patch, patch)
     width, patch_size = position_shape[-1], patch_shape[-1]
     file_image_size = math.isqrt(position_shape[1] - 1) * patch_size
     image_size = vision_overrides.get("image_size", VARIANT_IMAGE_SIZES.get(variant, file_image_size))
     plan_position_embedding(plan, image_size)
-    available_layers = plan.layer_indices("vision_model.encoder.layers")
+    available_layers = plan.layer_indices("model.vision_model.encoder.layers")
     if not available_layers:
-        raise ConversionError(plan.missing_message(["vision_model.encoder.layers.0.mlp.fc1.weight"]))
+        raise ConversionError(plan.missing_message(["model.vision_model.encoder.layers.0.mlp.fc1.weight"]))
     vision.update(
         hidden_size=width,
         patch_size=patch_size,
         image_size=image_size,
-        intermediate_size=plan.shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
+        intermediate_size=plan.shape("model.vision_model.encoder.layers.0.mlp.fc1.weight")[0],
         qkv_bias=True,
     )
     depth = vision_overrides.get("num_hidden_layers", min(vision["num_hidden_layers"], len(available_layers)))
     if depth > len(available_layers):
         raise ConversionError(
-            plan.missing_message([f"vision_model.encoder.layers.{len(available_layers)}.mlp.fc1.weight"])
+            plan.missing_message([f"model.vision_model.encoder.layers.{len(available_layers)}.mlp.fc1.weight"])
             + f"\n  (the configuration asks for {depth} ViT blocks; the file holds {len(available_layers)})"
         )
     vision["num_hidden_layers"] = depth
@@ -856,8 +859,8 @@ def derive_config(
         bridge_width, bridge = merge * width, f"{merge} merged ViT tokens of width {width} give {merge * width}"
 
     # Projection (llama_proj): bridge width -> language-model width.
-    projection_shape = plan.shape("language_projection.weight")  # (text_width, bridge_width)
-    projection_source = plan.tensors["language_projection.weight"].describe()
+    projection_shape = plan.shape("model.language_projection.weight")  # (text_width, bridge_width)
+    projection_source = plan.tensors["model.language_projection.weight"].describe()
     if projection_shape[1] != bridge_width:
         raise ConversionError(
             f"{projection_source} has shape {list(projection_shape)}: it takes features of width "
@@ -900,12 +903,14 @@ def derive_config(
 
 def _derive_qformer_config(plan: ConversionPlan, qformer: dict, vision_width: int) -> tuple[dict, int]:
     """The Q-Former's width, depth, FFN width and cross-attention layers from the shapes; and the number of queries."""
-    query_shape = plan.shape("query_tokens")  # (1, num_query_tokens, qformer_width)
-    qformer_layers = plan.layer_indices("qformer.encoder.layer")
+    query_shape = plan.shape("model.query_tokens")  # (1, num_query_tokens, qformer_width)
+    qformer_layers = plan.layer_indices("model.qformer.encoder.layer")
     if not qformer_layers:
-        raise ConversionError(plan.missing_message(["qformer.encoder.layer.0.intermediate_query.dense.weight"]))
+        raise ConversionError(plan.missing_message(["model.qformer.encoder.layer.0.intermediate_query.dense.weight"]))
     cross_layers = [
-        i for i in qformer_layers if f"qformer.encoder.layer.{i}.crossattention.attention.key.weight" in plan.tensors
+        i
+        for i in qformer_layers
+        if f"model.qformer.encoder.layer.{i}.crossattention.attention.key.weight" in plan.tensors
     ]
     frequency = _cross_attention_frequency(len(qformer_layers), cross_layers, qformer["cross_attention_frequency"])
     if frequency is None:
@@ -917,16 +922,16 @@ def _derive_qformer_config(plan: ConversionPlan, qformer: dict, vision_width: in
         qformer,
         hidden_size=query_shape[-1],
         num_hidden_layers=len(qformer_layers),
-        intermediate_size=plan.shape("qformer.encoder.layer.0.intermediate_query.dense.weight")[0],
+        intermediate_size=plan.shape("model.qformer.encoder.layer.0.intermediate_query.dense.weight")[0],
         cross_attention_frequency=frequency,
     )
     if cross_layers:
-        cross_key = f"qformer.encoder.layer.{cross_layers[0]}.crossattention.attention.key.weight"
+        cross_key = f"model.qformer.encoder.layer.{cross_layers[0]}.crossattention.attention.key.weight"
         if plan.shape(cross_key)[1] != vision_width:
             raise ConversionError(
                 f"{plan.tensors[cross_key].describe()} has shape {list(plan.shape(cross_key))}: the Q-Former "
                 f"attends to image features of width {plan.shape(cross_key)[1]}, but the ViT "
-                f"({plan.tensors['vision_model.embeddings.position_embedding'].sources[0].origin}) has width "
+                f"({plan.tensors['model.vision_model.embeddings.position_embedding'].sources[0].origin}) has width "
                 f"{vision_width}. The two files do not belong together."
             )
     return qformer, query_shape[1]
@@ -967,9 +972,9 @@ def detect_variant(plan: ConversionPlan, has_lora: bool, requested: str | None =
     `merge` x the ViT width (4 x 1408 = 5632) -> `"llama2"`, or `"v2"` when the checkpoint has LoRA tensors.
     `requested` (`--variant`) picks the family itself, but must fit the projection.
     """
-    projection_shape = plan.shape("language_projection.weight")  # (text_width, bridge_width)
-    vit_width = plan.shape("vision_model.embeddings.position_embedding")[-1]
-    qformer_width = plan.shape("query_tokens")[-1] if "query_tokens" in plan.tensors else 768
+    projection_shape = plan.shape("model.language_projection.weight")  # (text_width, bridge_width)
+    vit_width = plan.shape("model.vision_model.embeddings.position_embedding")[-1]
+    qformer_width = plan.shape("model.query_tokens")[-1] if "model.query_tokens" in plan.tensors else 768
     in_features = projection_shape[1]
     if in_features == merge * vit_width:
         detected = "v2" if has_lora else "llama2"
@@ -977,19 +982,19 @@ def detect_variant(plan: ConversionPlan, has_lora: bool, requested: str | None =
         detected = "vicuna0"
     else:
         raise ConversionError(
-            f"{plan.tensors['language_projection.weight'].describe()} has shape {list(projection_shape)}: its input "
-            f"width {in_features} fits no MiniGPT bridge: neither the Q-Former width {qformer_width} (MiniGPT-4 with "
-            f"Vicuna) nor {merge} x the ViT width {vit_width} = {merge * vit_width} (MiniGPT-4 with Llama-2, "
+            f"{plan.tensors['model.language_projection.weight'].describe()} has shape {list(projection_shape)}: its "
+            f"input width {in_features} fits no MiniGPT bridge: neither the Q-Former width {qformer_width} (MiniGPT-4 "
+            f"with Vicuna) nor {merge} x the ViT width {vit_width} = {merge * vit_width} (MiniGPT-4 with Llama-2, "
             "MiniGPT-v2). The projection and the ViT file do not belong together"
-            + ("." if "query_tokens" in plan.tensors else
+            + ("." if "model.query_tokens" in plan.tensors else
                ", or it is MiniGPT-4 with Vicuna with a Q-Former of another width: pass --qformer-checkpoint too.")
         )
     if requested is None:
         return detected
     if (requested == "vicuna0") != (detected == "vicuna0"):
         raise ConversionError(
-            f"--variant {requested} does not fit {plan.tensors['language_projection.weight'].describe()}: its shape "
-            f"{list(projection_shape)} is the projection of "
+            f"--variant {requested} does not fit {plan.tensors['model.language_projection.weight'].describe()}: its "
+            f"shape {list(projection_shape)} is the projection of "
             + ("MiniGPT-4 with Vicuna (after the Q-Former)." if detected == "vicuna0" else
                "MiniGPT-4 with Llama-2 / MiniGPT-v2 (merged ViT tokens).")
         )
@@ -1025,18 +1030,20 @@ def drop_qformer_parts(plan: ConversionPlan) -> None:
         target = plan.tensors[name]
         origin = target.sources[0].origin
         from_blip2 = origin.startswith((KINDS["qformer"].flag, KINDS["blip2"].flag))
-        if name.startswith(("qformer.", "query_tokens")) or (name.startswith("vision_model.post_layernorm.")
-                                                               and from_blip2):
+        unused = name.startswith(("model.qformer.", "model.query_tokens")) or (
+            name.startswith("model.vision_model.post_layernorm.") and from_blip2
+        )
+        if unused:
             plan.tensors.pop(name)
             plan.ignored.append((origin, target.sources[0].key, "no Q-Former and no BLIP-2 ln_vision in this variant"))
 
 
 def plan_default_layernorm(plan: ConversionPlan) -> None:
     """`ln_vision` as the original has it without the Q-Former: `nn.LayerNorm`'s initial weight 1 and bias 0."""
-    width = plan.shape("vision_model.embeddings.position_embedding")[-1]
+    width = plan.shape("model.vision_model.embeddings.position_embedding")[-1]
     added = []
     for parameter, fill in (("weight", torch.ones), ("bias", torch.zeros)):
-        name = f"vision_model.post_layernorm.{parameter}"
+        name = f"model.vision_model.post_layernorm.{parameter}"
         if name not in plan.tensors:
             source = SourceTensor("nn.LayerNorm's initialisation", f"ln_vision.{parameter}", (width,),
                                   functools.partial(fill, width))
@@ -1065,11 +1072,11 @@ def interpolate_position_embedding(position_embedding: torch.Tensor, grid: int) 
 
 def plan_position_embedding(plan: ConversionPlan, image_size: int) -> None:
     """Resizes the planned ViT position embeddings to `image_size` (nothing to do when the file has that size)."""
-    name = "vision_model.embeddings.position_embedding"
+    name = "model.vision_model.embeddings.position_embedding"
     plan.shape(name)  # raises naming the missing key
     target = plan.tensors[name]
     positions, width = target.shape[1], target.shape[-1]
-    patch_size = plan.shape("vision_model.embeddings.patch_embedding.weight")[-1]
+    patch_size = plan.shape("model.vision_model.embeddings.patch_embedding.weight")[-1]
     old_grid = math.isqrt(positions - 1)
     if old_grid * old_grid != positions - 1:
         raise ConversionError(
@@ -1079,7 +1086,7 @@ def plan_position_embedding(plan: ConversionPlan, image_size: int) -> None:
     if image_size % patch_size:
         raise ConversionError(
             f"Image size {image_size} is not a multiple of the ViT's {patch_size}-px patches "
-            f"({plan.tensors['vision_model.embeddings.patch_embedding.weight'].describe()}); check "
+            f"({plan.tensors['model.vision_model.embeddings.patch_embedding.weight'].describe()}); check "
             "--config-overrides vision_config.image_size."
         )
     grid = image_size // patch_size

@@ -386,7 +386,7 @@ def default_base_models(config: MiniGPT4Config, blip2_source: str | None = None)
     return base
 
 
-def _count(parameter_counts: dict[str, int], prefix: str) -> str:
+def _count(parameter_counts: dict[str, int], prefix: str | tuple[str, ...]) -> str:
     total = sum(count for name, count in parameter_counts.items() if name.startswith(prefix))
     return f"{total / 1e6:,.1f} M" if total >= 1e5 else f"{total:,}"
 
@@ -412,7 +412,7 @@ def _bridge_row(config: MiniGPT4Config, parameter_counts: dict[str, int]) -> tup
         "`Qformer.bert` -> `qformer`, `query_tokens`",
         f"{qformer.num_hidden_layers} layers, width {qformer.hidden_size}, {qformer.num_attention_heads} heads, "
         f"cross-attention every {qformer.cross_attention_frequency} layers, {config.num_query_tokens} queries; "
-        f"{_count(parameter_counts, 'qformer.')} parameters",
+        f"{_count(parameter_counts, 'model.qformer.')} parameters",
     )
 
 
@@ -426,7 +426,7 @@ def architecture_rows(config: MiniGPT4Config, parameter_counts: dict[str, int]) 
             "`visual_encoder` (EVA ViT-g) -> `vision_model`",
             f"{vision.num_hidden_layers} blocks, width {vision.hidden_size}, {vision.num_attention_heads} heads, "
             f"MLP {vision.intermediate_size}, q/v bias, no final norm; "
-            f"{_count(parameter_counts, 'vision_model.')} parameters",
+            f"{_count(parameter_counts, 'model.vision_model.')} parameters",
         ),
         ("ln_vision", "`ln_vision` -> `vision_model.post_layernorm`", f"LayerNorm, eps {config.vision_layernorm_eps}"),
         _bridge_row(config, parameter_counts),
@@ -438,10 +438,10 @@ def architecture_rows(config: MiniGPT4Config, parameter_counts: dict[str, int]) 
         ),
         (
             "language model",
-            f"`llama_model` ({language_model_name(config) or 'LLaMA'}) -> `language_model`",
+            f"`llama_model` ({language_model_name(config) or 'LLaMA'}) -> `language_model` + `lm_head`",
             f"{text.model_type}, {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
             f"{text.num_attention_heads} heads, vocabulary {text.vocab_size}; "
-            f"{_count(parameter_counts, 'language_model.')} parameters",
+            f"{_count(parameter_counts, ('model.language_model.', 'lm_head.'))} parameters",
         ),
     ]
 

@@ -1059,20 +1059,21 @@ def projection_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def lora_target_module_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """
-    The full names of the `nn.Linear` layers inside `model.language_model` whose last name part is in `targets`
-    (`"all-linear"` = every Linear but the output head), so LoRA never touches the ViT, Q-Former or projection.
+    The full names of the `nn.Linear` layers inside `model.language_model` (the decoder, without the output head)
+    whose last name part is in `targets` (`"all-linear"` = every one), so LoRA never touches the ViT, Q-Former,
+    projection or head.
     """
     language_model = model.language_model
-    head = language_model.get_output_embeddings() if hasattr(language_model, "get_output_embeddings") else None
+    prefix = next(name for name, module in model.named_modules() if module is language_model)
     linear = {name: module for name, module in language_model.named_modules() if isinstance(module, nn.Linear)}
     if list(targets) == ["all-linear"]:
-        chosen = [name for name, module in linear.items() if module is not head]
+        chosen = list(linear)
     else:
         chosen = [name for name in linear if name.rsplit(".", 1)[-1] in set(targets)]
     if not chosen:
         available = sorted({name.rsplit(".", 1)[-1] for name in linear})
         raise ValueError(f"No language-model Linear layer is named {list(targets)}; its Linear layers: {available}.")
-    return [f"language_model.{name}" for name in chosen]
+    return [f"{prefix}.{name}" for name in chosen]
 
 
 def prepare_model_for_training(
@@ -1094,9 +1095,8 @@ def prepare_model_for_training(
     Returns:
         The model, wrapped in a `peft.PeftModel` when LoRA is on.
     """
-    if unfreeze_qformer:
-        model.config.freeze_qformer = False
-    model.apply_freezing()
+    # The model decides what gets gradients (and what runs in eval mode); only the Q-Former is switched, for this run.
+    model.apply_freezing(freeze_qformer=False if unfreeze_qformer else None)
     if projection_file is not None:
         init_projection(model, projection_file)
     trainable_modules = [model.language_projection] + ([model.qformer] if unfreeze_qformer else [])
@@ -1113,9 +1113,8 @@ def prepare_model_for_training(
     if unfreeze_qformer:
         logger.warning("With LoRA, --unfreeze_qformer trains the Q-Former layers; the query tokens stay frozen "
                        "(PEFT saves modules, not bare parameters).")
-    # The language model must follow train()/eval() so that LoRA dropout works; its own weights stay frozen (PEFT
-    # freezes every base parameter).
-    model.config.freeze_language_model = False
+    # PEFT freezes every base parameter; the LoRA layers hold trainable ones, so they follow train()/eval() (their
+    # dropout is active while training) while the frozen weights around them stay in eval mode (see the config).
     lora_config = LoraConfig(
         r=lora_r,
         lora_alpha=lora_alpha,
@@ -1166,17 +1165,14 @@ def save_projection_file(projection: dict[str, torch.Tensor], path: str | os.Pat
 
 
 def save_trained_model(model: nn.Module, processor, output_dir: str | os.PathLike, *, merge_lora: bool = False,
-                       freeze_flags: dict[str, bool] | None = None, metadata: dict[str, str] | None = None) -> nn.Module:
+                       metadata: dict[str, str] | None = None) -> nn.Module:
     """
     Writes the final result into `output_dir` (next to the Trainer's `checkpoint-*` folders): a complete HF folder
     (safetensors, config with `auto_map`, code files, processor), and `language_projection.safetensors` (the trained
     projection alone). LoRA adapters are merged into the weights with `merge_lora`; otherwise the folder holds the
     base language model and the adapters go to `output_dir/lora_adapter` (load them with `model.load_adapter`).
-    Everything is written to a temporary folder first and then moved in.
-
-    Args:
-        freeze_flags: the `freeze_*` config values to write (the loaded model's), so that the saved model trains or
-            freezes the same parts by default as the one training started from.
+    Everything is written to a temporary folder first and then moved in. The config is saved as loaded: training
+    switches parts on through `apply_freezing` arguments, never through the config.
 
     Returns:
         The plain `MiniGPT4ForConditionalGeneration` that was saved (LoRA merged or removed).
@@ -1192,8 +1188,6 @@ def save_trained_model(model: nn.Module, processor, output_dir: str | os.PathLik
             else:
                 model.save_pretrained(staging / "lora_adapter")
                 model = model.unload()
-        for name, value in (freeze_flags or {}).items():
-            setattr(model.config, name, value)
         model._keys_to_ignore_on_save = None
         embedding_dtype = model.get_input_embeddings().weight.dtype
         model.language_projection.to(embedding_dtype)

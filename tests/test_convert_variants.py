@@ -100,14 +100,14 @@ def test_qformer_checkpoint_given_for_llama2_is_not_used(tmp_path, capsys):
     argv = LLAMA2.argv(output_dir, {"--qformer-checkpoint": INPUTS["--qformer-checkpoint"]})
     assert convert_main(argv) == 0
     tensors = saved_tensors(output_dir)
-    assert not any(name.startswith(("qformer.", "query_tokens")) for name in tensors)
-    assert torch.equal(tensors["vision_model.post_layernorm.weight"], torch.ones(56))  # not BLIP-2's ln_vision
+    assert not any(name.startswith(("model.qformer.", "model.query_tokens")) for name in tensors)
+    assert torch.equal(tensors["model.vision_model.post_layernorm.weight"], torch.ones(56))  # not BLIP-2's ln_vision
     assert "no Q-Former and no BLIP-2 ln_vision in this variant" in capsys.readouterr().out
 
 
 def test_ln_vision_without_qformer_is_ones_and_zeros(converted_v2):
-    assert torch.equal(saved_tensor(converted_v2, "vision_model.post_layernorm.weight"), torch.ones(56))
-    assert torch.equal(saved_tensor(converted_v2, "vision_model.post_layernorm.bias"), torch.zeros(56))
+    assert torch.equal(saved_tensor(converted_v2, "model.vision_model.post_layernorm.weight"), torch.ones(56))
+    assert torch.equal(saved_tensor(converted_v2, "model.vision_model.post_layernorm.bias"), torch.zeros(56))
     assert config_of(converted_v2)["vision_layernorm_eps"] == 1e-5
 
 
@@ -132,7 +132,7 @@ def test_v2_runs_at_448_px_unless_the_overrides_say_otherwise(tmp_path):
     assert convert_main(V2.argv(output_dir, {"--config-overrides": overrides})) == 0
     config = config_of(output_dir)
     assert config["vision_config"]["image_size"] == 448
-    assert saved_tensor(output_dir, "vision_model.embeddings.position_embedding").shape == (1, 32 * 32 + 1, 56)
+    assert saved_tensor(output_dir, "model.vision_model.embeddings.position_embedding").shape == (1, 32 * 32 + 1, 56)
     processor_config = json.loads((output_dir / "processor_config.json").read_text())
     assert processor_config["num_image_tokens"] == 256
     assert processor_config["image_processor"]["size"] == {"height": 448, "width": 448}
@@ -144,7 +144,7 @@ def test_position_embeddings_are_resized_to_the_requested_image_size(tmp_path):
     output_dir = tmp_path / "out"
     assert convert_main(LLAMA2.argv(output_dir, {"--config-overrides": overrides})) == 0  # Llama-2 at 112 px
     stored = load_source(LLAMA2.folder / "weights" / "eva_vit_g.pth")["pos_embed"]
-    saved = saved_tensor(output_dir, "vision_model.embeddings.position_embedding")
+    saved = saved_tensor(output_dir, "model.vision_model.embeddings.position_embedding")
     assert torch.equal(saved, interpolate_position_embedding(stored, grid=8))
     assert config_of(output_dir)["vision_config"]["image_size"] == 112
 
@@ -167,16 +167,16 @@ def test_lora_is_merged_with_scaling_alpha_over_rank_read_from_shapes(tmp_path, 
     assert convert_main(V2.argv(output_dir, {"--lora-alpha": alpha_flag})) == 0
     for layer in (0, 1):
         for module in ("q_proj", "v_proj"):
-            saved = saved_tensor(output_dir, f"language_model.model.layers.{layer}.self_attn.{module}.weight")
+            saved = saved_tensor(output_dir, f"model.language_model.layers.{layer}.self_attn.{module}.weight")
             torch.testing.assert_close(saved, merged_weight(module, layer, alpha), rtol=0, atol=0)
-    untouched = saved_tensor(output_dir, "language_model.model.layers.0.self_attn.k_proj.weight")
+    untouched = saved_tensor(output_dir, "model.language_model.layers.0.self_attn.k_proj.weight")
     assert torch.equal(untouched, llm_file_tensors()["model.layers.0.self_attn.k_proj.weight"])
 
 
 def test_lora_is_merged_in_float32_then_cast(tmp_path):
     output_dir = tmp_path / "out"
     assert convert_main(V2.argv(output_dir, {"--dtype": "float16"})) == 0
-    saved = saved_tensor(output_dir, "language_model.model.layers.1.self_attn.v_proj.weight")
+    saved = saved_tensor(output_dir, "model.language_model.layers.1.self_attn.v_proj.weight")
     assert torch.equal(saved, merged_weight("v_proj", 1, alpha=1).half())
 
 
@@ -207,7 +207,7 @@ def test_lora_adapter_is_a_standard_peft_folder_with_the_released_settings(conve
 
 
 def test_lora_adapter_leaves_the_language_model_weights_as_they_were(converted_v2_adapter):
-    saved = saved_tensor(converted_v2_adapter, "language_model.model.layers.0.self_attn.q_proj.weight")
+    saved = saved_tensor(converted_v2_adapter, "model.language_model.layers.0.self_attn.q_proj.weight")
     assert torch.equal(saved, llm_file_tensors()["model.layers.0.self_attn.q_proj.weight"])
 
 
@@ -262,9 +262,9 @@ def test_full_size_v2_file_plans_448_px_256_tokens_and_consumes_all_128_lora_ten
     assert variant == "v2" and len(lora_tensors) == 128
     assert (lora.rank, lora.scaling, len(lora.modules)) == (64, 0.25, 64)
     assert (config.vision_config.image_size, config.num_image_tokens) == (448, 256)
-    assert plan.shape("vision_model.embeddings.position_embedding") == (1, 1025, 1408)
+    assert plan.shape("model.vision_model.embeddings.position_embedding") == (1, 1025, 1408)
     names = check_against_model(plan, config)
-    assert not any(name.startswith(("qformer.", "query_tokens")) for name in names)
+    assert not any(name.startswith(("model.qformer.", "model.query_tokens")) for name in names)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -333,14 +333,17 @@ def test_448_px_with_position_embeddings_that_are_not_a_square_is_refused(output
     def cut(state):
         state["pos_embed"] = state["pos_embed"][:, :16]  # 15 patch positions: no square grid
     vit = edited_checkpoint(tmp_path, V2.folder / "weights" / "eva_vit_g.pth", "eva_vit_g.pth", cut)
-    assert_refused(V2.argv(output_parent / "out", {"--vit-checkpoint": vit}), output_parent, capsys,
+    overrides = tmp_path / "overrides.json"
+    overrides.write_text(json.dumps({"vision_config": {"num_attention_heads": 4}}))  # v2's own 448 px
+    argv = V2.argv(output_parent / "out", {"--vit-checkpoint": vit, "--config-overrides": overrides})
+    assert_refused(argv, output_parent, capsys,
                    f"'pos_embed' in --vit-checkpoint {vit} has shape [1, 16, 56]: not 1 + a square grid",
-                   "cannot run at 112 px")
+                   "cannot run at 448 px")
 
 
-def llama2_sized_vocabulary_folder(tmp_path, vocabulary: int = 32000):
-    """A tiny LLaMA (width 64, as the v1 fixture's projection) with Llama-2's 32000-token vocabulary and tokenizer."""
-    folder = tmp_path / "llama2-vocabulary"
+def tiny_llm_with_vocabulary(tmp_path, vocabulary: int = 32000):
+    """A tiny LLaMA (width 64, as the fixtures' projections) with a full-size vocabulary and its tokenizer."""
+    folder = tmp_path / f"vocabulary-{vocabulary}"
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"piece{i}": i for i in range(3, vocabulary)}}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
                                         bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -352,7 +355,14 @@ def llama2_sized_vocabulary_folder(tmp_path, vocabulary: int = 32000):
 
 
 def test_llama2_tokenizer_with_a_vicuna_v0_projection_is_refused(output_parent, capsys, tmp_path):
-    llm = llama2_sized_vocabulary_folder(tmp_path)
+    llm = tiny_llm_with_vocabulary(tmp_path)
     assert_refused(fixture_argv(output_parent / "out", {"--llm": llm}), output_parent, capsys,
                    f"--llm {llm}: the tokenizer has 32000 tokens", "MiniGPT-4 with Vicuna v0",
                    "vocabulary is 32001")
+
+
+def test_vicuna_v0_tokenizer_with_a_llama2_projection_is_refused(output_parent, capsys, tmp_path):
+    llm = tiny_llm_with_vocabulary(tmp_path, vocabulary=32001)
+    assert_refused(LLAMA2.argv(output_parent / "out", {"--llm": llm}), output_parent, capsys,
+                   f"--llm {llm}: the tokenizer has 32001 tokens, the vocabulary of Vicuna v0",
+                   "Pass meta-llama/Llama-2-7b-chat-hf")

@@ -269,7 +269,7 @@ def test_converted_config_names_the_variant_and_its_bridge(variant, model):
 
 
 def test_converted_model_has_no_qformer(model):
-    assert not any(name.startswith(("qformer.", "query_tokens")) for name in model.state_dict())
+    assert not any(name.startswith(("model.qformer.", "model.query_tokens")) for name in model.state_dict())
 
 
 def test_stop_sequences_and_generation_defaults_follow_the_variant(variant, model, converted_dir):

@@ -71,7 +71,7 @@ def test_without_qformer_there_are_no_qformer_or_query_token_weights(variant):
     with torch.device("meta"):
         model = MiniGPT4ForConditionalGeneration(variant_config(variant))
     names = list(model.state_dict())
-    assert not any(name.startswith(("qformer.", "query_tokens")) for name in names)
+    assert not any(name.startswith(("model.qformer.", "model.query_tokens")) for name in names)
     assert model.qformer is None and model.query_tokens is None
 
 
@@ -142,4 +142,4 @@ def test_merge_bridge_model_round_trips_through_save_pretrained(tiny_v2, tmp_pat
 def test_only_the_projection_trains_without_qformer(tiny_v2):
     model, _ = tiny_v2
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    assert trainable == {"language_projection.weight", "language_projection.bias"}
+    assert trainable == {"model.language_projection.weight", "model.language_projection.bias"}

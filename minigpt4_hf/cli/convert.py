@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="pretrained_minigpt4.pth / prerained_minigpt4_7b.pth / pretrained_minigpt4_llama2_7b.pth "
                          "/ minigptv2_checkpoint.pth ({'model': {llama_proj.*, LoRA tensors}})")
     variant = parser.add_argument_group("variant")
-    variant.add_argument("--variant", choices=VARIANTS, type=lambda text: text.replace("_", ""),
+    variant.add_argument("--variant", choices=VARIANTS,
                          help="the released family: vicuna0 (MiniGPT-4 with Vicuna v0), llama2 (MiniGPT-4 with "
                          "Llama-2-7B-chat) or v2 (MiniGPT-v2); default: read from the projection checkpoint (input "
                          "width 768 -> vicuna0; 4 x ViT width -> llama2, or v2 with LoRA tensors)")
@@ -234,9 +234,9 @@ def read_language_model(args: argparse.Namespace):
 
 def check_vocabulary(tokenizer, plan, llm_flag: str) -> int:
     """Returns the embedding rows; raises when the tokenizer does not fit them (the Vicuna v0 / v1.1 trap)."""
-    embedding_keys = [key for key in plan.tensors if key.startswith("language_model.") and "embed_tokens" in key]
+    embedding_keys = [key for key in plan.tensors if key.startswith("model.language_model.") and "embed_tokens" in key]
     if not embedding_keys:
-        raise ConversionError(plan.missing_message(["language_model.model.embed_tokens.weight"]))
+        raise ConversionError(plan.missing_message(["model.language_model.embed_tokens.weight"]))
     embedding = plan.tensors[embedding_keys[0]]
     rows = embedding.shape[0]
     if len(tokenizer) != rows:
@@ -269,7 +269,7 @@ def convert(args: argparse.Namespace) -> Path:
     variant = detect_variant(plan, has_lora=bool(lora_tensors), requested=args.variant,
                              merge=overrides.get("vision_token_merge", 4))
     print(f"Variant: {variant}" + (" (--variant)" if args.variant else " (read from the projection checkpoint)"))
-    if variant == "vicuna0" and "query_tokens" not in plan.tensors:
+    if variant == "vicuna0" and "model.query_tokens" not in plan.tensors:
         raise ConversionError(
             f"--projection-checkpoint {args.projection_checkpoint} is MiniGPT-4 with Vicuna, which needs the BLIP-2 "
             "Q-Former: pass --qformer-checkpoint blip2_pretrained_flant5xxl.pth (or --blip2)."
@@ -320,7 +320,7 @@ def convert(args: argparse.Namespace) -> Path:
     keep_in_fp32 = tuple(modeling_minigpt4.MiniGPT4PreTrainedModel._keep_in_fp32_modules)
 
     def dtype_of(name: str) -> torch.dtype:
-        if dtype == torch.float16 and name.split(".")[0] in keep_in_fp32:
+        if dtype == torch.float16 and name.removeprefix("model.").split(".")[0] in keep_in_fp32:
             return torch.float32  # loaded back in float32 anyway (`_keep_in_fp32_modules`); keep the precision
         return dtype
 

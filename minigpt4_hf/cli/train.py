@@ -259,8 +259,6 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     if model_family != data_args.variant:
         raise ValueError(f"--variant {data_args.variant}: {model_args.model_name_or_path} is a {model_family} model; "
                          f"pass --variant {model_family}.")
-    freeze_flags = {name: getattr(model.config, name)
-                    for name in ("freeze_vision_model", "freeze_qformer", "freeze_language_model")}
     image_size = model.config.vision_config.image_size
     if getattr(processor.image_processor.size, "height", None) != image_size:
         logger.warning("The processor resizes to %s but the model takes %s px images; using %s.",
@@ -324,7 +322,6 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     if trainer.args.should_save:
         save_trained_model(
             trainer.model, processor, training_args.output_dir, merge_lora=model_args.merge_lora,
-            freeze_flags=freeze_flags,
             metadata={"variant": data_args.variant, "stage": str(data_args.stage),
                       "global_step": str(trainer.state.global_step)},
         )
