@@ -19,6 +19,8 @@ from conftest import ORIGINAL_TINY, REPO_ROOT
 from minigpt4_hf.cli.convert import main as convert_main
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError
+from minigpt4_hf.benchmark_conversion import QFORMER_POSITION_IDS, qformer_shapes, vit_shapes
+from minigpt4_hf.benchmark_conversion import SIZES as ORIGINAL_SIZES
 from minigpt4_hf.random_models import EXAMPLE_IMAGE
 from minigpt4_hf.model_card import default_base_models, language_model_name
 from minigpt4_hf.conversion import (
@@ -451,55 +453,15 @@ def meta(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def original_eva_vit_g(blocks: int = 40, width: int = 1408, mlp: int = 6144, patch: int = 14, grid: int = 16):
+def original_eva_vit_g() -> dict[str, torch.Tensor]:
     """The keys and shapes of eva_vit_g.pth (facts sheet §2.1): 40 blocks, of which MiniGPT-4 uses 39."""
-    state = {"cls_token": meta(1, 1, width), "pos_embed": meta(1, grid * grid + 1, width),
-             "patch_embed.proj.weight": meta(width, 3, patch, patch), "patch_embed.proj.bias": meta(width)}
-    for i in range(blocks):
-        block = f"blocks.{i}."
-        state.update({
-            block + "norm1.weight": meta(width), block + "norm1.bias": meta(width),
-            block + "attn.q_bias": meta(width), block + "attn.v_bias": meta(width),
-            block + "attn.qkv.weight": meta(3 * width, width),
-            block + "attn.proj.weight": meta(width, width), block + "attn.proj.bias": meta(width),
-            block + "norm2.weight": meta(width), block + "norm2.bias": meta(width),
-            block + "mlp.fc1.weight": meta(mlp, width), block + "mlp.fc1.bias": meta(mlp),
-            block + "mlp.fc2.weight": meta(width, mlp), block + "mlp.fc2.bias": meta(width),
-        })
-    return state
+    return {key: meta(*shape) for key, shape in vit_shapes(ORIGINAL_SIZES["7b"]).items()}
 
 
-def original_blip2_flant5xxl(layers: int = 12, width: int = 768, vision_width: int = 1408, queries: int = 32,
-                             ffn: int = 3072, t5_width: int = 4096):
+def original_blip2_flant5xxl() -> dict[str, torch.Tensor]:
     """The keys and shapes of blip2_pretrained_flant5xxl.pth's "model" (facts sheet §2.2)."""
-    state = {
-        "query_tokens": meta(1, queries, width),
-        "ln_vision.weight": meta(vision_width), "ln_vision.bias": meta(vision_width),
-        "Qformer.bert.embeddings.position_ids": meta(1, 512, dtype=torch.int64),
-        "Qformer.bert.embeddings.LayerNorm.weight": meta(width), "Qformer.bert.embeddings.LayerNorm.bias": meta(width),
-        "t5_proj.weight": meta(t5_width, width), "t5_proj.bias": meta(t5_width),
-    }
-    for i in range(layers):
-        layer = f"Qformer.bert.encoder.layer.{i}."
-        for block in ["attention"] + (["crossattention"] if i % 2 == 0 else []):
-            source_width = vision_width if block == "crossattention" else width
-            for projection in ("query", "key", "value"):
-                in_width = width if projection == "query" else source_width
-                state[f"{layer}{block}.self.{projection}.weight"] = meta(width, in_width)
-                state[f"{layer}{block}.self.{projection}.bias"] = meta(width)
-            state.update({
-                f"{layer}{block}.output.dense.weight": meta(width, width),
-                f"{layer}{block}.output.dense.bias": meta(width),
-                f"{layer}{block}.output.LayerNorm.weight": meta(width),
-                f"{layer}{block}.output.LayerNorm.bias": meta(width),
-            })
-        state.update({
-            layer + "intermediate_query.dense.weight": meta(ffn, width),
-            layer + "intermediate_query.dense.bias": meta(ffn),
-            layer + "output_query.dense.weight": meta(width, ffn), layer + "output_query.dense.bias": meta(width),
-            layer + "output_query.LayerNorm.weight": meta(width), layer + "output_query.LayerNorm.bias": meta(width),
-        })
-    return state
+    return {key: meta(*shape, dtype=torch.int64 if key == QFORMER_POSITION_IDS else torch.float32)
+            for key, shape in qformer_shapes(ORIGINAL_SIZES["7b"]).items()}
 
 
 VICUNA_V0_SIZES = {  # LLaMA-7B / 13B with Vicuna v0's 32001-token vocabulary

@@ -7,8 +7,13 @@ Caption (or ask one question about) many images with MiniGPT-4, in left-padded b
         --prompt "What is unusual about this image?" --batch-size 16
     python scripts/caption.py --model PATH_OR_ID --images photos/ --output answers.jsonl --prompt-file question.txt
 
+    python scripts/caption.py --model MINIGPT_V2 --images photos/ --output boxes.jsonl --task grounding \
+        --prompt "describe this image in detail"
+
 Writes one JSON line per image: {"image", "prompt", "answer", "generation"}, or "error" instead of "answer" when the
-image cannot be read. Each batch is appended whole and synced to disk, so Ctrl-C (or a crash) loses nothing already
+image cannot be read. With `--task` the line also holds "task"; a MiniGPT-v2 model's lines hold "boxes", the phrases
+and pixel boxes of the answer (`[{"phrase": str or null, "box": [x1, y1, x2, y2]}]`), and "box_problems" when some box
+text cannot be read. Each batch is appended whole and synced to disk, so Ctrl-C (or a crash) loses nothing already
 written, and running the same command again skips the images that the output already has.
 
 A prompt that cannot fit the model's context with one image and --max-new-tokens is refused before any image.
@@ -31,9 +36,13 @@ from minigpt4_hf.inference import (
     UserError,
     add_generation_arguments,
     add_model_arguments,
+    add_task_argument,
     answer_batch,
+    answers_have_boxes,
+    check_task_fits_model,
     check_question_fits,
     generation_kwargs_from_args,
+    grounded_boxes,
     load_model_and_processor,
     run_main,
     seed_if_asked,
@@ -64,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--retry-errors", action="store_true", help="Try again the images whose only line in --output is an error."
     )
+    add_task_argument(parser)
     add_generation_arguments(parser, sample_by_default=False)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -163,11 +173,15 @@ def append_records(file, records: list[dict]) -> None:
         os.fsync(file.fileno())
 
 
-def caption_batch(model, processor, paths: list[str], prompt: str, generation_kwargs: dict, generation: dict):
-    """One record per path, in order: the answer, or the reason the image could not be read."""
+def caption_batch(model, processor, paths: list[str], prompt: str, generation_kwargs: dict, generation: dict,
+                  task: str | None = None):
+    """
+    One record per path, in order: the answer (and, from MiniGPT-v2, its boxes in pixels), or the reason the image
+    could not be read.
+    """
     records, images, readable = [], [], []
     for path in paths:
-        record = {"image": path, "prompt": prompt}
+        record = {"image": path, "prompt": prompt, **({"task": task} if task else {})}
         try:
             images.append(load_rgb_image(path))
             readable.append(record)
@@ -175,8 +189,13 @@ def caption_batch(model, processor, paths: list[str], prompt: str, generation_kw
             record["error"] = str(error)
         records.append(record)
     if images:
-        for record, answer in zip(readable, answer_batch(model, processor, images, prompt, generation_kwargs)):
+        answers = answer_batch(model, processor, images, prompt, generation_kwargs, task=task)
+        for record, image, answer in zip(readable, images, answers):
             record["answer"] = answer
+            if answers_have_boxes(model):
+                record["boxes"], problems = grounded_boxes(processor, answer, image.size)
+                if problems:
+                    record["box_problems"] = problems
     for record in records:
         record["generation"] = generation
     return records
@@ -194,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     if not pending:
         return 0
 
+    check_task_fits_model(args)
     model, processor = load_model_and_processor(args)
     try:
-        check_question_fits(model, processor, args.prompt, args.max_new_tokens)
+        check_question_fits(model, processor, args.prompt, args.max_new_tokens, task=args.task)
     except ValueError as error:
         raise UserError(f"{'--prompt-file ' + args.prompt_file if args.prompt_file else '--prompt'}: {error}") from None
     seed_if_asked(args)
@@ -212,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             for start in range(0, len(pending), args.batch_size):
                 batch = pending[start : start + args.batch_size]
                 try:
-                    records = caption_batch(model, processor, batch, args.prompt, generation_kwargs, generation)
+                    records = caption_batch(model, processor, batch, args.prompt, generation_kwargs, generation,
+                                            task=args.task)
                 except torch.OutOfMemoryError:
                     raise UserError(
                         f"Out of GPU memory with --batch-size {args.batch_size}: lower it and run the same command "

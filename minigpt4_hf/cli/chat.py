@@ -5,8 +5,13 @@ Chat with MiniGPT-4 about an image in the terminal: the original demo without th
     python scripts/chat.py --model PATH_OR_ID --image photo.jpg                      # interactive, streamed
     python scripts/chat.py --model PATH_OR_ID --image photo.jpg --prompt "What is it?" # one answer on stdout
 
+    python scripts/chat.py --model MINIGPT_V2 --image photo.jpg --task refer --prompt "the red car"
+
 Interactive mode reads questions from stdin, one a line (so it can be piped), and writes the answers to stdout as they
-are generated, one a line; notices and prompts go to stderr. Commands: /image FILE, /reset, /quit.
+are generated, one a line; notices and prompts go to stderr. Commands: /image FILE, /task NAME, /reset, /quit.
+
+MiniGPT-v2 answers that hold boxes (`{<x1><y1><x2><y2>}` on a 0-100 grid) are followed on stdout by one line per box,
+`box: PHRASE (x1, y1, x2, y2) px`, in pixels of the image; box text that cannot be read is reported on stderr.
 """
 
 import argparse
@@ -18,16 +23,22 @@ from minigpt4_hf.inference import (
     UserError,
     add_generation_arguments,
     add_model_arguments,
+    add_task_argument,
+    answers_have_boxes,
+    box_lines,
+    check_task_fits_model,
     generation_kwargs_from_args,
+    grounded_boxes,
     load_model_and_processor,
     run_main,
     seed_if_asked,
 )
-from processing_minigpt4 import load_rgb_image
+from processing_minigpt4 import TASK_IDENTIFIERS, load_rgb_image
 
 
 COMMANDS_HELP = (
-    "Commands: /image FILE (start over with another image), /reset (start over, same image), /quit. "
+    "Commands: /image FILE (start over with another image), /task NAME (MiniGPT-v2: ask with a task identifier, "
+    f"one of {', '.join(TASK_IDENTIFIERS)}; /task alone: none), /reset (start over, same image), /quit. "
     "Anything else is a question; Ctrl-C stops an answer."
 )
 
@@ -47,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=ORIGINAL_CONTEXT_BUDGET,
         help="Token budget of prompt + answer; older turns are dropped beyond it (default: the original's 2000).",
     )
+    add_task_argument(parser)
     add_generation_arguments(parser, sample_by_default=True)
     return parser.parse_args(argv)
 
@@ -62,8 +74,20 @@ def notice(message: str, end: str = "\n") -> None:
     print(message, file=sys.stderr, end=end, flush=True)
 
 
+def print_boxes(conversation: Conversation) -> None:
+    """MiniGPT-v2: the boxes of the last answer, one line each on stdout, in pixels of the conversation's image."""
+    if not answers_have_boxes(conversation.model) or not conversation.images:
+        return
+    answer = conversation.messages[-1]["content"][0]["text"]
+    objects, problems = grounded_boxes(conversation.processor, answer, conversation.images[-1].size)
+    for line in box_lines(objects):
+        print(line, flush=True)
+    for problem in problems:
+        notice(f"[boxes] {problem}")
+
+
 def answer_once(conversation: Conversation, image, question: str) -> int:
-    """`--prompt` mode: the answer alone on stdout."""
+    """`--prompt` mode: the answer alone on stdout (then its boxes, for MiniGPT-v2)."""
     conversation.upload_image(image)
     try:
         conversation.ask(question)
@@ -71,6 +95,7 @@ def answer_once(conversation: Conversation, image, question: str) -> int:
     except ValueError as error:
         raise UserError(str(error)) from None
     print(answer, flush=True)
+    print_boxes(conversation)
     return 0
 
 
@@ -108,6 +133,14 @@ def run_command(conversation: Conversation, line: str) -> bool:
             notice(f"error: {error} (the conversation goes on as before)")
             return True
         notice(f"New image {argument}: conversation restarted. Ask a question.")
+    elif command == "/task":
+        if argument and argument.strip("[]") not in TASK_IDENTIFIERS:
+            notice(f"Unknown task {argument}; choose one of {', '.join(TASK_IDENTIFIERS)} (or /task alone for none).")
+        elif argument and not answers_have_boxes(conversation.model):
+            notice("Task identifiers are MiniGPT-v2 prompts; this model is another variant.")
+        else:
+            conversation.task = argument.strip("[]") or None
+            notice(f"Questions now start with [{conversation.task}]." if conversation.task else "No task identifier.")
     elif command == "/help":
         notice(COMMANDS_HELP)
     else:
@@ -151,6 +184,8 @@ def chat_interactively(conversation: Conversation, image, lines) -> int:
             stream_to_stdout(conversation)
         except ValueError as error:  # the question cannot fit the context even alone
             notice(f"error: {error}")
+            continue
+        print_boxes(conversation)
     return 0
 
 
@@ -161,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty.")
     image = read_image(args.image) if args.image is not None else None  # fail fast, before loading the model
+    check_task_fits_model(args)
     model, processor = load_model_and_processor(args)
     seed_if_asked(args)
     conversation = Conversation(model, processor, generation_kwargs_from_args(args), args.max_context_tokens)
+    conversation.task = args.task
     if args.prompt is not None:
         return answer_once(conversation, image, args.prompt)
     return chat_interactively(conversation, image, sys.stdin)

@@ -39,6 +39,7 @@ from minigpt4_hf.files import atomic_path
 from minigpt4_hf.model_card import build_model_card, default_base_models, original_generation_config, record_inputs
 from minigpt4_hf.conversion import (
     BLIP2_KEPT_PREFIXES,
+    CHECKPOINT_SIDE_FILES,
     KINDS,
     LLAMA_BASE_KIND,
     VICUNA_DELTA_KIND,
@@ -84,11 +85,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # The PEFT adapter's folder inside --output-dir (`--lora adapter`).
 ADAPTER_DIR = "adapter"
 CODE_MODULES = (configuration_minigpt4, modeling_minigpt4, processing_minigpt4)
-# What a Vicuna delta on the Hub is fetched with besides its weights (the tokenizer comes from the delta).
-DELTA_SIDE_FILES = (
-    "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json",
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -208,7 +204,7 @@ def read_language_model(args: argparse.Namespace):
         base_dir = Path(args.llama_base)
         local = Path(args.vicuna_delta)
         delta_dir = local if local.exists() else download_checkpoint(
-            args.vicuna_delta, "--vicuna-delta", side_files=DELTA_SIDE_FILES
+            args.vicuna_delta, "--vicuna-delta", side_files=CHECKPOINT_SIDE_FILES
         )
         base = read_transformers_weights(base_dir, LLAMA_BASE_KIND)
         delta = read_transformers_weights(delta_dir, VICUNA_DELTA_KIND)

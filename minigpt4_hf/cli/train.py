@@ -139,8 +139,8 @@ class DataArguments:
 
 
 def _flag_names(argv: list[str]) -> set[str]:
-    """The option names written in `argv` (`--name value` and `--name=value`)."""
-    return {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    """The option names written in `argv` (`--name value` and `--name=value`; `--some-name` is `some_name`)."""
+    return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
 
 
 def model_variant(model_path: str | None) -> str | None:
