@@ -11,21 +11,39 @@ Parameter names follow transformers' BLIP-2 (`vision_model.*`, `query_tokens`, `
 import inspect
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers import initialization as init
-from transformers.cache_utils import Cache
-from transformers.generation.stopping_criteria import StoppingCriteria
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
-from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionEmbeddings, Blip2VisionModel
-from transformers.utils.deprecation import deprecate_kwarg
 
-
+# First: importing the configuration checks the transformers release (one clear error when it is too old).
 try:
-    from .configuration_minigpt4 import MiniGPT4Config
-except ImportError:  # imported as a top-level module (pip install .) rather than as Hub remote code
-    from configuration_minigpt4 import MiniGPT4Config
+    from .configuration_minigpt4 import (
+        CACHE_ARGUMENT,
+        MiniGPT4Config,
+        images_only_at_prefill,
+        init,
+        renames_past_key_values,
+    )
+except ImportError:
+    if __package__:  # Hub remote code (a package in transformers_modules): the relative import is the real one
+        raise
+    # Installed as top-level modules (pip install .)
+    from configuration_minigpt4 import (
+        CACHE_ARGUMENT,
+        MiniGPT4Config,
+        images_only_at_prefill,
+        init,
+        renames_past_key_values,
+    )
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel  # noqa: E402
+from transformers.cache_utils import Cache  # noqa: E402
+from transformers.generation.stopping_criteria import StoppingCriteria  # noqa: E402
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast  # noqa: E402
+from transformers.models.blip_2.modeling_blip_2 import (  # noqa: E402
+    Blip2QFormerModel,
+    Blip2VisionEmbeddings,
+    Blip2VisionModel,
+)
 
 
 @dataclass
@@ -45,30 +63,22 @@ class MiniGPT4ImageFeaturesOutput(BaseModelOutputWithPooling):
 
 
 @dataclass
-class MiniGPT4CausalLMOutputWithPast(ModelOutput):
+class MiniGPT4CausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor` of shape `()`, returned when `labels` is given):
         Next-token cross-entropy over the positions whose label is not -100.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
         Language-model scores.
     cache (`Cache`, returned when `use_cache=True`):
-        The language model's key/value cache (also reachable as `past_key_values`).
+        The language model's key/value cache (`past_key_values` before transformers 5.24, where it is also reachable
+        under that name).
     hidden_states, attentions:
         The language model's, when requested.
     image_features (`torch.FloatTensor` of shape `(num_images, num_query_tokens, text_hidden_size)`):
         The projected image features spliced into the prompt, when images were given.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_features: torch.FloatTensor | None = None
-
-    @property
-    def past_key_values(self) -> Cache | None:
-        return self.cache
 
 
 class StopOnTokenSequences(StoppingCriteria):
@@ -130,6 +140,7 @@ class MiniGPT4PreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.class_embedding, mean=0.0, std=std)
 
 
+@images_only_at_prefill
 class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin):
     """MiniGPT-4: BLIP-2's frozen ViT and Q-Former, a trained linear projection and a frozen causal language model."""
 
@@ -282,7 +293,7 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
             input_ids = input_ids.masked_fill(input_ids == self.config.image_token_id, 0)
         return self.get_input_embeddings()(input_ids)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @renames_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -348,27 +359,25 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             return_dict=True,
+            **{CACHE_ARGUMENT: cache},
             **kwargs,
         )
-        logits = outputs.logits
 
         loss = None
         if labels is not None:
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                logits=outputs.logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-
         return MiniGPT4CausalLMOutputWithPast(
             loss=loss,
-            logits=logits,
-            cache=outputs.cache,
+            logits=outputs.logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_features=image_features,
+            **{CACHE_ARGUMENT: getattr(outputs, CACHE_ARGUMENT)},
         )
 
     # Registered for the Auto classes, this model counts as remote code, for which `generate` re-reads the forward
