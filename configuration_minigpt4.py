@@ -115,7 +115,7 @@ else:
         `__init__` of a dataclass config: fields from the annotated class attributes, the rest to `__post_init__`.
         """
 
-        sub_configs_defaults: dict = {}
+        sub_configs_defaults = {}  # not a dataclass field: no annotation
 
         def __init_subclass__(cls, **kwargs):
             super().__init_subclass__(**kwargs)

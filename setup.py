@@ -24,6 +24,7 @@ setup(
             "minigpt4-demo = minigpt4_hf.cli.demo:cli",
             "minigpt4-build-stage2-data = minigpt4_hf.cli.build_stage2_data:cli",
             "minigpt4-benchmark = minigpt4_hf.cli.benchmark:cli",
+            "minigpt4-check-transformers = minigpt4_hf.cli.check_transformers_versions:cli",
         ]
     },
     install_requires=[

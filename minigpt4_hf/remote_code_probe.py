@@ -13,7 +13,8 @@ Stages, in order (a failing stage ends the run; the JSON names it and the error'
     import   transformers itself
     load     AutoConfig, AutoProcessor, AutoModelForImageTextToText and AutoModel with `trust_remote_code=True`
     generate apply_chat_template + the processor call, then greedy `generate` for one prompt, for a left-padded
-             batch of two, streamed, and with a stop sequence that ends the first row early (per-row stop)
+             batch of two, streamed, without the cache, and with a stop sequence that ends the first row of the
+             batch early (per-row stop)
     train    a forward with `labels` (processor `suffix`) in train mode, and its backward
 """
 
@@ -90,19 +91,29 @@ def run_probe(folder: str, image_path: str) -> dict:
             # The first chunk is the prompt; then one token per step.
             results["streamed"] = [token for chunk in streamer.chunks[1:] for token in chunk]
 
-            # Per-row stop: a token the first row generates at step 2 and the second row never does becomes a stop
-            # sequence; the first row must end there (then padding) while the second runs to the end.
+            # Without the cache every step recomputes the whole sequence: the same ids show the cache kept the history.
+            generated = model.generate(**single, min_new_tokens=MAX_NEW_TOKENS, use_cache=False, **greedy)
+            results["uncached"] = generated[0, single["input_ids"].shape[1] :].tolist()
+
+            # Per-row stop: a token that the first row generates mid-answer (for the first time) and the second row
+            # never does becomes the stop sequence; the first row must end there (then padding), the second run on.
             row, other = results["batched"]
-            stop_id = next((token for token in row[2:] if token not in other), None)
+            candidates = [
+                token for index, token in enumerate(row[:-1]) if index > 0 and token not in other + row[:index]
+            ]
             results["per_row_stop"] = None
-            if stop_id is not None:
+            if candidates:
                 saved_stops = model.config.stop_token_ids
-                model.config.stop_token_ids = [[stop_id]]
+                model.config.stop_token_ids = [[candidates[0]]]
                 try:
                     stopped = model.generate(**batch, **greedy)[:, batch["input_ids"].shape[1] :].tolist()
                 finally:
                     model.config.stop_token_ids = saved_stops
-                results["per_row_stop"] = {"stop_id": stop_id, "ids": stopped}
+                results["per_row_stop"] = {
+                    "stop_id": candidates[0],
+                    "pad_token_id": model.generation_config.pad_token_id,
+                    "ids": stopped,
+                }
 
         report["stage"] = "train"
         model.train()
