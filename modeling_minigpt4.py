@@ -35,15 +35,17 @@ except ImportError:
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel  # noqa: E402
-from transformers.cache_utils import Cache  # noqa: E402
-from transformers.generation.stopping_criteria import StoppingCriteria  # noqa: E402
-from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast  # noqa: E402
-from transformers.models.blip_2.modeling_blip_2 import (  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
     Blip2QFormerModel,
-    Blip2VisionEmbeddings,
     Blip2VisionModel,
+    Cache,
+    GenerationMixin,
+    PreTrainedModel,
+    StoppingCriteria,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast  # noqa: E402
+from transformers.models.blip_2.modeling_blip_2 import Blip2VisionEmbeddings  # noqa: E402
 
 
 @dataclass

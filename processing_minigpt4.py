@@ -32,11 +32,8 @@ except ImportError:
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from tokenizers import Tokenizer, normalizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
-from transformers.feature_extraction_utils import BatchFeature  # noqa: E402
+from transformers import AddedToken, BatchFeature, PreTrainedTokenizerFast, ProcessorMixin  # noqa: E402
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling  # noqa: E402
-from transformers.processing_utils import ProcessorMixin  # noqa: E402
-from transformers.tokenization_utils_base import AddedToken  # noqa: E402
 
 
 IGNORE_INDEX = -100

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from configuration_minigpt4 import MiniGPT4Config
+from minigpt4_hf.transformers_versions import supported_transformers_text
 
 
 # `Chat.answer` of the original at 22d8888, the version that trained the released weights (facts sheet §4.4). The
@@ -89,6 +90,8 @@ frozen Vicuna answers about them. Converted from the original checkpoint files i
 
 `generation_config.json` holds the original chat's defaults ({{ generation_defaults }}); pass `do_sample=False` for
 greedy answers. Generation stops at the end of the assistant turn (`###`), row by row in a batch.
+
+The code in this repository runs on {{ transformers_support }}.
 
 ## Architecture
 
@@ -287,6 +290,7 @@ def build_model_card(
         dtype=dtype_name,
         dtype_note=" (the Q-Former and query tokens in float32)" if dtype == torch.float16 else "",
         transformers_version=transformers.__version__,
+        transformers_support=supported_transformers_text(),
         torch_version=torch.__version__,
         python_version=platform.python_version(),
         inputs=inputs,

@@ -13,7 +13,7 @@ Stages, in order (a failing stage ends the run; the JSON names it and the error'
     import   transformers itself
     load     AutoConfig, AutoProcessor, AutoModelForImageTextToText and AutoModel with `trust_remote_code=True`
     generate apply_chat_template + the processor call, then greedy `generate` for one prompt, for a left-padded
-             batch of two, streamed, without the cache, and with a stop sequence that ends the first row of the
+             batch of two (also decoded), without the cache, and with a stop sequence that ends the first row of the
              batch early (per-row stop)
     train    a forward with `labels` (processor `suffix`) in train mode, and its backward
 """
@@ -75,6 +75,7 @@ def run_probe(folder: str, image_path: str) -> dict:
             batch = processor(images=[image, image], text=prompts, padding_side="left", return_tensors="pt")
             generated = model.generate(**batch, min_new_tokens=MAX_NEW_TOKENS, **greedy)
             results["batched"] = generated[:, batch["input_ids"].shape[1] :].tolist()
+            results["decoded"] = processor.post_process_image_text_to_text(results["batched"])
 
             class Collect(BaseStreamer):
                 def __init__(self):

@@ -46,6 +46,14 @@ PROBE_TIMEOUT_S = 1800
 READY_MARKER = "minigpt4-venv.json"
 
 
+def supported_transformers_text() -> str:
+    """The supported range in words, for model cards and docs."""
+    return (
+        f"transformers >= {MINIMUM_TRANSFORMERS_VERSION} (tested on {SUPPORTED_RELEASES[0]} and on every 5.x minor "
+        f"release up to {NEWEST_RELEASE}; an older transformers stops with a one-line error naming the upgrade)"
+    )
+
+
 def default_torch_requirement() -> str:
     """`torch==X` for the torch of this interpreter (a local CPU wheel stays local; an unpinned torch would not)."""
     import torch
@@ -101,19 +109,21 @@ def build_venv(venv: Path, release: str, torch_requirement: str, log_path: Path)
     if venv.exists():
         shutil.rmtree(venv)
     venv.parent.mkdir(parents=True, exist_ok=True)
-    commands = [
-        [sys.executable, "-m", "venv", str(venv)],
-        [str(venv_python(venv)), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", torch_requirement],
-        [str(venv_python(venv)), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         f"transformers=={release}", torch_requirement, *VENV_PACKAGES],
-    ]
+    # --no-compile: bytecode is written on first import, for the modules used (far less than torch's whole tree).
+    pip_install = [str(venv_python(venv)), "-m", "pip", "install", "--quiet", "--no-compile", "--disable-pip-version-check"]
+    steps = {
+        "python -m venv": [sys.executable, "-m", "venv", str(venv)],
+        f"pip install {torch_requirement}": [*pip_install, torch_requirement],
+        f"pip install transformers=={release}": [*pip_install, f"transformers=={release}", torch_requirement,
+                                                 *VENV_PACKAGES],
+    }
     with open(log_path, "a", encoding="utf-8") as log:
-        for command in commands:
+        for step, command in steps.items():
             log.write(f"$ {' '.join(command)}\n")
             log.flush()
             result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             if result.returncode != 0:
-                raise RuntimeError(f"`{' '.join(command[2:5])} ...` failed (exit {result.returncode}); see {log_path}")
+                raise RuntimeError(f"`{step}` failed (exit {result.returncode}); see {log_path}")
     write_text_atomically(venv / READY_MARKER, json.dumps({"transformers": release, "torch": torch_requirement}))
 
 
@@ -170,8 +180,8 @@ class VersionResult:
         return self.status.startswith("pass")
 
 
-# The results that must be identical to the reference release's.
-COMPARED_IDS = ("greedy", "batched", "streamed", "per_row_stop", "uncached")
+# The results that must be identical to the reference release's (ids, and the batch's ids decoded).
+COMPARED_IDS = ("greedy", "batched", "streamed", "per_row_stop", "uncached", "decoded")
 
 
 def self_consistency_problems(results: dict) -> list[str]:

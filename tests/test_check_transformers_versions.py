@@ -7,11 +7,13 @@ import re
 import sys
 
 import pytest
+import torch
 import transformers
 
 from configuration_minigpt4 import MINIMUM_TRANSFORMERS_VERSION
 from conftest import REPO_ROOT
 from minigpt4_hf.cli.check_transformers_versions import main, parse_args
+from minigpt4_hf.model_card import build_model_card
 from minigpt4_hf.transformers_versions import (
     DEFAULT_VERSIONS,
     LOSS_TOLERANCE,
@@ -38,6 +40,7 @@ def passing_report(release: str = NEWEST_RELEASE) -> dict:
         "results": {
             "greedy": [5, 6, 7, 8],
             "batched": [[5, 6, 7, 8], [5, 9, 10, 11]],
+            "decoded": ["a cat", "two dogs"],
             "streamed": [5, 6, 7, 8],
             "uncached": [5, 6, 7, 8],
             "per_row_stop": {"stop_id": 6, "pad_token_id": 0, "ids": [[5, 6, 0, 0], [5, 9, 10, 11]]},
@@ -150,6 +153,12 @@ def test_a_generate_error_fails_after_a_successful_load():
     assert (row.load, row.generate, row.status) == ("ok", "FAIL", "FAIL")
 
 
+def test_differently_decoded_text_fails_the_release():
+    report = with_result(passing_report("4.57.6"), "decoded", ["▁a ▁cat", "two dogs"])
+    row = compare_with_reference("4.57.6", report, passing_report())
+    assert row.status == "FAIL" and "ids differ from the reference's: decoded" in row.problems
+
+
 def test_streamed_ids_that_differ_from_generate_fail_even_when_equal_to_the_reference():
     reference = with_result(passing_report(), "streamed", [5, 6, 7, 1])
     report = with_result(passing_report("5.0.0"), "streamed", [5, 6, 7, 1])
@@ -229,8 +238,16 @@ def test_main_checks_the_installed_release_end_to_end(tiny_saved_dir, tmp_path, 
 # Declared
 
 
-def test_setup_py_requires_the_supported_transformers_range_and_declares_the_entry_point():
-    setup_py = (REPO_ROOT / "setup.py").read_text()
+def test_setup_py_states_the_supported_transformers_range_and_declares_the_entry_point():
+    setup_py = " ".join(line.strip().lstrip("# ") for line in (REPO_ROOT / "setup.py").read_text().splitlines())
     floor_minor = ".".join(MINIMUM_TRANSFORMERS_VERSION.split(".")[:2])
-    assert f'"transformers>={floor_minor},<6"' in setup_py
+    assert f"supports transformers>={floor_minor},<6: every release from {MINIMUM_TRANSFORMERS_VERSION} to " \
+           f"{NEWEST_RELEASE} is measured" in setup_py
     assert '"minigpt4-check-transformers = minigpt4_hf.cli.check_transformers_versions:cli"' in setup_py
+
+
+def test_model_card_states_the_supported_transformers_range(tiny_shared):
+    model, _ = tiny_shared
+    card = build_model_card(model.config, "someone/minigpt4-tiny", [], torch.float32, {}, [])
+    assert f"runs on transformers >= {MINIMUM_TRANSFORMERS_VERSION} (tested on" in str(card)
+    assert f"up to {NEWEST_RELEASE}" in str(card)
