@@ -29,9 +29,10 @@ from minigpt4_hf.files import atomic_path, write_text_atomically
 
 
 PROBE_SCRIPT = Path(__file__).resolve().parent / "remote_code_probe.py"
-# The latest patch of every supported minor release, oldest first (all measured: docs/transformers-versions.md).
+# The floor and the latest patch of every supported minor release, oldest first (all measured:
+# docs/transformers-versions.md).
 SUPPORTED_RELEASES = (
-    "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.3.0", "5.4.0", "5.5.4", "5.6.2", "5.7.0", "5.8.1", "5.9.0", "5.10.4",
+    "4.57.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.3.0", "5.4.0", "5.5.4", "5.6.2", "5.7.0", "5.8.1", "5.9.0", "5.10.4",
     "5.11.0", "5.12.1", "5.13.1", "5.14.1", "5.15.1", "5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.1",
     "5.22.2", "5.23.0", "5.24.0",
 )
@@ -49,8 +50,9 @@ READY_MARKER = "minigpt4-venv.json"
 def supported_transformers_text() -> str:
     """The supported range in words, for model cards and docs."""
     return (
-        f"transformers >= {MINIMUM_TRANSFORMERS_VERSION} (tested on {SUPPORTED_RELEASES[0]} and on every 5.x minor "
-        f"release up to {NEWEST_RELEASE}; an older transformers stops with a one-line error naming the upgrade)"
+        f"transformers >= {MINIMUM_TRANSFORMERS_VERSION} (tested on {', '.join(SUPPORTED_RELEASES[:2])} and the "
+        f"latest patch of every 5.x minor release up to {NEWEST_RELEASE}; an older transformers stops with a one-line "
+        "error naming the upgrade)"
     )
 
 

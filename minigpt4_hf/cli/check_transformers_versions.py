@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         return parser.add_argument(*names, **kwargs)
 
     flag("--versions", nargs="+", default=list(DEFAULT_VERSIONS), metavar="VERSION",
-         help=f"transformers releases to check, or `all` (every supported minor: {SUPPORTED_RELEASES[0]} ... "
+         help=f"transformers releases to check, or `all` (the floor and every supported minor: {SUPPORTED_RELEASES[0]} ... "
               f"{NEWEST_RELEASE}) (default: {' '.join(DEFAULT_VERSIONS)})")
     flag("--reference", default=NEWEST_RELEASE,
          help=f"release whose ids and loss the others must match; always checked (default: {NEWEST_RELEASE})")
