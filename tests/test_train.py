@@ -101,7 +101,7 @@ def model_dir(tmp_path_factory) -> Path:
     model, processor = build_random_model("tiny")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for parameter in model.language_model.parameters():
+        for parameter in [*model.language_model.parameters(), *model.lm_head.parameters()]:
             if parameter.ndim >= 2:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
     folder = tmp_path_factory.mktemp("sharp_tiny_minigpt4")
@@ -284,15 +284,25 @@ def test_weight_decay_goes_to_matrices_only(tiny):
     model, _ = tiny
     model = prepare_model_for_training(model, unfreeze_qformer=True)
     names = decay_parameter_names(model)
-    assert "language_projection.weight" in names and "query_tokens" in names
+    assert "model.language_projection.weight" in names and "model.query_tokens" in names
     assert not [name for name in names if name.endswith("bias") or "layernorm" in name.lower()]
-    assert not [name for name in names if not name.startswith(("language_projection", "qformer", "query_tokens"))]
+    assert not [name for name in names
+                if not name.startswith(("model.language_projection", "model.qformer", "model.query_tokens"))]
+
+
+def test_preparing_for_training_leaves_the_config_as_loaded(tiny):
+    model, _ = tiny
+    flags = {name: value for name, value in model.config.to_dict().items() if name.startswith("freeze")}
+    peft_model = prepare_model_for_training(model, unfreeze_qformer=True, lora_r=4, lora_alpha=8)
+    peft_model.train()
+    assert {name: value for name, value in model.config.to_dict().items() if name.startswith("freeze")} == flags
+    assert model.qformer.training and not model.vision_model.training
 
 
 def test_unfreeze_qformer_trains_the_qformer_and_query_tokens(tiny):
     model, _ = tiny
     model = prepare_model_for_training(model, unfreeze_qformer=True)
-    trainable = {name.split(".")[0] for name, parameter in model.named_parameters() if parameter.requires_grad}
+    trainable = {name.split(".")[1] for name, parameter in model.named_parameters() if parameter.requires_grad}
     assert trainable == {"language_projection", "qformer", "query_tokens"}
     model.train()
     assert model.qformer.training and not model.vision_model.training and not model.language_model.training
@@ -466,9 +476,9 @@ def test_only_the_projection_changes(stage2_run, model_dir):
     after = safetensors.torch.load_file(str(stage2_run["output_dir"] / "model.safetensors"))
     assert before.keys() == after.keys()
     changed = {key for key in before if not torch.equal(before[key], after[key])}
-    assert changed == {"language_projection.weight", "language_projection.bias"}
+    assert changed == {"model.language_projection.weight", "model.language_projection.bias"}
     projection = load_projection(stage2_run["output_dir"])
-    assert all(torch.equal(projection[key], after[key]) for key in projection)
+    assert all(torch.equal(projection[key], after[f"model.{key}"]) for key in projection)
 
 
 def test_learning_rates_follow_the_original_schedule(stage2_run):
@@ -525,7 +535,7 @@ def test_stage1_run_on_mixed_shards_and_folder(model_dir, shards_dir, cc_sbu_dir
                                      per_device_train_batch_size=4, data_ratios=[115, 14]))
     assert result["global_step"] == 5
     assert f"{shards_dir / '00001.tar'}#L000010002" in result["skipped_images"]
-    before = safetensors.torch.load_file(str(model_dir / "model.safetensors"))["language_projection.weight"]
+    before = safetensors.torch.load_file(str(model_dir / "model.safetensors"))["model.language_projection.weight"]
     assert not torch.equal(load_projection(tmp_path)["language_projection.weight"], before)
 
 
@@ -539,7 +549,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(model_dir, cc
     checkpoint_files = {path.name for path in (interrupted / "checkpoint-3").iterdir()}
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "model.safetensors"} <= checkpoint_files
     assert set(safetensors.torch.load_file(str(interrupted / "checkpoint-3" / "model.safetensors"))) == {
-        "language_projection.weight", "language_projection.bias"}  # trainable weights only
+        "model.language_projection.weight", "model.language_projection.bias"}  # trainable weights only
     result = train.main(common_flags(interrupted, model_dir, [cc_sbu_dir], **flags,
                                      resume_from_checkpoint=interrupted / "checkpoint-3"))
     assert result["global_step"] == 8
@@ -565,7 +575,7 @@ def test_trainer_precision_and_checkpointing_switches_work(model_dir, cc_sbu_dir
     losses = [entry["loss"] for entry in result["log_history"] if "loss" in entry]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     saved = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
-    assert saved["language_model.model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert saved["model.language_model.embed_tokens.weight"].dtype == torch.bfloat16
 
 
 def test_gradient_accumulation_matches_the_full_batch(model_dir, cc_sbu_dir, tmp_path):
@@ -590,15 +600,16 @@ def test_lora_trains_the_language_model_and_merges(model_dir, cc_sbu_dir, tmp_pa
     base = safetensors.torch.load_file(str(model_dir / "model.safetensors"))
     merged = safetensors.torch.load_file(str(tmp_path / "merged" / "model.safetensors"))
     changed = {key for key in base if not torch.equal(base[key], merged[key])}
-    assert changed == {"language_projection.weight", "language_projection.bias"} | {
-        key for key in base if key.startswith("language_model.") and key.endswith(("q_proj.weight", "v_proj.weight"))
+    assert changed == {"model.language_projection.weight", "model.language_projection.bias"} | {
+        key for key in base
+        if key.startswith("model.language_model.") and key.endswith(("q_proj.weight", "v_proj.weight"))
     }
     assert not (tmp_path / "merged" / "lora_adapter").exists()
 
     # Unmerged: the folder holds the base language model and the adapter sits beside it; merging it gives the same.
     model = MiniGPT4ForConditionalGeneration.from_pretrained(tmp_path / "adapter")
-    assert torch.equal(model.language_model.model.layers[0].self_attn.q_proj.weight,
-                       base["language_model.model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(model.language_model.layers[0].self_attn.q_proj.weight,
+                       base["model.language_model.layers.0.self_attn.q_proj.weight"])
     merged_again = PeftModel.from_pretrained(model, tmp_path / "adapter" / "lora_adapter").merge_and_unload()
     for key, value in merged_again.state_dict().items():
         torch.testing.assert_close(value, merged[key], rtol=0, atol=1e-6)
