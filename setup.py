@@ -26,10 +26,14 @@ setup(
             "minigpt4-build-stage2-data = minigpt4_hf.cli.build_stage2_data:cli",
             "minigpt4-benchmark = minigpt4_hf.cli.benchmark:cli",
             "minigpt4-benchmark-conversion = minigpt4_hf.cli.benchmark_conversion:cli",
+            "minigpt4-check-transformers = minigpt4_hf.cli.check_transformers_versions:cli",
         ]
     },
     install_requires=[
         "torch>=2.4",
+        # The remote code of a converted Hub repo (the three root modules) supports transformers>=4.57,<6: every
+        # release from 4.57.0 to 5.24.0 is measured (docs/transformers-versions.md, `minigpt4-check-transformers`).
+        # This package's own tools (conversion, training, chat, demo, benchmark) are built on 5.24's API.
         "transformers>=5.24,<6",
         "tokenizers>=0.22",
         "safetensors>=0.5",

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from configuration_minigpt4 import MiniGPT4Config
+from minigpt4_hf.transformers_versions import supported_transformers_text
 
 
 # `Chat.answer` of the original at 22d8888, the version that trained the released weights (facts sheet §4.4). The
@@ -220,6 +221,8 @@ loads with `AutoModelForImageTextToText` and `AutoProcessor` (`trust_remote_code
 
 `generation_config.json` holds the original demo's defaults ({{ generation_defaults }}); pass `do_sample=False` for
 greedy answers. Generation stops {{ stops }}.
+
+The code in this repository runs on {{ transformers_support }}.
 {% if tasks %}
 ## Tasks and boxes
 
@@ -496,6 +499,7 @@ def build_model_card(
         else "",
         memory_tables=memory_tables({model_name: config}),
         transformers_version=transformers.__version__,
+        transformers_support=supported_transformers_text(),
         torch_version=torch.__version__,
         python_version=platform.python_version(),
         inputs=inputs,
