@@ -4,6 +4,7 @@ original `Chat` on top of `generate()` and the chat template. The command-line t
 -train, -build-stage2-data) load models through `load_model_and_processor`.
 """
 
+import importlib.util
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -92,19 +93,16 @@ def check_quantization_possible(flag: str, device: torch.device) -> None:
         )
     if device.type != "cuda":
         raise InputError(f"{flag} runs on a CUDA GPU; drop --device {device} or pick a cuda device.")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("bitsandbytes") is None:
         raise InputError(
-            f"{flag} needs the bitsandbytes package: pip install 'minigpt4-hf[quantization]'."
-        ) from None
+            f"{flag} needs the bitsandbytes package: install the quantization extra (pip install '.[quantization]' in "
+            "the checkout, or pip install bitsandbytes)."
+        )
 
 
 def check_accelerate_installed(flag: str) -> None:
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        raise InputError(f"{flag} needs the accelerate package: pip install accelerate.") from None
+    if importlib.util.find_spec("accelerate") is None:
+        raise InputError(f"{flag} needs the accelerate package: pip install accelerate (or the quantization extra).")
 
 
 def load_model_and_processor(

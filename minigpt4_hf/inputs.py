@@ -91,9 +91,10 @@ def check_model_path(path: str | os.PathLike, flag: str = "--model") -> None:
     step = trainer_checkpoint_step(folder)
     if step is not None:
         raise InputError(
-            f"{flag} {text} is a Trainer checkpoint (trained weights and optimizer state only), not a full model. Use "
-            f"the run's --output-dir, or write a full model from it: rerun minigpt4-train with the same flags plus "
-            f"--resume {text} --max-steps {step} (see docs/command-line.md, 'Trainer checkpoints')."
+            f"{flag} {text} is a Trainer checkpoint (step {step}: trained weights and optimizer state only), not a full "
+            f"model. Use the run's --output-dir (the full model is written there when the run ends; finish a stopped "
+            f"run with minigpt4-train, the same flags and --resume {text}), or see docs/command-line.md, 'Trainer "
+            "checkpoints'."
         )
     if not (folder / "config.json").is_file():
         raise InputError(f"{flag} {text} has no config.json: it is not a saved model. Give {SAVED_MODEL_HELP}.")

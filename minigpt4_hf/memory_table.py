@@ -1,20 +1,21 @@
 #!/usr/bin/env python
 """
 Prints (Markdown) the parameters and weight memory of MiniGPT-4 per part, for the Vicuna-7B and -13B configs, at
-fp32 / bf16 / int8 / int4 as `scripts/inference.py` loads them, and which load flags fit which GPU.
+fp32 / bf16 / int8 / int4 as `minigpt4_hf.inference.load_model_and_processor` loads them, and which load flags fit
+which GPU.
 
 The models are built from their configs on the meta device: nothing is downloaded or allocated.
 
-    python scripts/memory_table.py
+    python -m minigpt4_hf.memory_table
 """
 
-import argparse
 
 
 import torch
 from torch import nn
 
 from configuration_minigpt4 import MiniGPT4Config
+from minigpt4_hf.cli.options import CommandLineParser
 from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
 
 
@@ -29,7 +30,7 @@ PARTS = {
     "projection (llama_proj)": ("language_projection",),
     "language model (Vicuna)": ("language_model",),
 }
-MODES = {  # column name: the load flags of scripts/chat.py, caption.py and demo.py that give it
+MODES = {  # column name: the load flags of minigpt4-chat, -caption and -demo that give it
     "fp32": "--dtype float32",
     "bf16": "--dtype bfloat16",
     "int8": "--load-in-8bit",
@@ -132,7 +133,7 @@ def tables() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    CommandLineParser("python -m minigpt4_hf.memory_table", description=__doc__).parse_args(argv)
     print(tables())
     return 0
 

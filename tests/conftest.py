@@ -42,12 +42,12 @@ def tiny_saved_dir(tmp_path_factory, tiny_shared):
 
 
 @pytest.fixture(scope="session")
-def converted_original_tiny(tmp_path_factory):
-    """tests/fixtures/original_tiny converted with minigpt4-convert in float32 (parity checks, the BLIP-2 route)."""
+def converted_tiny_dir(tmp_path_factory):
+    """tests/fixtures/original_tiny converted by the converter (float32): a Hub-style folder. Do not modify it."""
     from minigpt4_hf.cli.convert import main as convert_main
 
     weights = ORIGINAL_TINY / "weights"
-    output_dir = tmp_path_factory.mktemp("original_tiny_converted") / "minigpt4-original-tiny"
+    output_dir = tmp_path_factory.mktemp("converted") / "minigpt4-original-tiny"
     exit_code = convert_main([
         "--vit-checkpoint", str(weights / "eva_vit_g.pth"),
         "--qformer-checkpoint", str(weights / "blip2_pretrained_flant5xxl.pth"),

@@ -209,9 +209,10 @@ BAD_INPUT = {
     ),
     "Trainer checkpoint where a full model is expected": (
         ["minigpt4_hf.cli.chat", "--model", "run/checkpoint-3", "--image", str(EXAMPLE_IMAGE)],
-        "minigpt4-chat: error: --model run/checkpoint-3 is a Trainer checkpoint (trained weights and optimizer state "
-        "only), not a full model. Use the run's --output-dir, or write a full model from it: rerun minigpt4-train "
-        "with the same flags plus --resume run/checkpoint-3 --max-steps 3",
+        "minigpt4-chat: error: --model run/checkpoint-3 is a Trainer checkpoint (step 3: trained weights and optimizer "
+        "state only), not a full model. Use the run's --output-dir (the full model is written there when the run "
+        "ends; finish a stopped run with minigpt4-train, the same flags and --resume run/checkpoint-3), or see "
+        "docs/command-line.md, 'Trainer checkpoints'.",
     ),
     "missing stage-1 model of the stage-2 builder": (
         ["minigpt4_hf.cli.build_stage2_data", "--steps", "describe", "--images", "cc_sbu_align/image", "--model",

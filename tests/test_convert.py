@@ -363,7 +363,7 @@ def test_failed_upload_is_reported_and_the_finished_folder_kept(tmp_path, monkey
 # --blip2: the ViT, ln_vision, Q-Former and query tokens from a transformers BLIP-2 checkpoint.
 
 
-def tiny_blip2(converted_original_tiny, vocab_size: int = 99) -> Blip2ForConditionalGeneration:
+def tiny_blip2(converted_tiny_dir, vocab_size: int = 99) -> Blip2ForConditionalGeneration:
     """A tiny BLIP-2 (OPT language model) whose vision side holds the fixture's weights (ln_vision = post_layernorm)."""
     config = Blip2Config(
         vision_config={"image_size": 56, "patch_size": 14, "hidden_size": 56, "num_hidden_layers": 2,
@@ -375,29 +375,29 @@ def tiny_blip2(converted_original_tiny, vocab_size: int = 99) -> Blip2ForConditi
         num_query_tokens=6,
     )
     blip2 = Blip2ForConditionalGeneration(config)
-    vision_side = {key: value for key, value in saved_tensors(converted_original_tiny).items()
+    vision_side = {key: value for key, value in saved_tensors(converted_tiny_dir).items()
                    if key.startswith(("vision_model.", "qformer.", "query_tokens"))}
     assert blip2.load_state_dict(vision_side, strict=False).unexpected_keys == []
     return blip2
 
 
-def test_blip2_folder_gives_the_same_weights_as_the_lavis_files(tmp_path, converted_original_tiny):
+def test_blip2_folder_gives_the_same_weights_as_the_lavis_files(tmp_path, converted_tiny_dir):
     blip2_dir = tmp_path / "blip2-tiny"
-    tiny_blip2(converted_original_tiny).save_pretrained(blip2_dir)
+    tiny_blip2(converted_tiny_dir).save_pretrained(blip2_dir)
     output_dir = tmp_path / "out"
     argv = fixture_argv(output_dir, {"--vit-checkpoint": None, "--qformer-checkpoint": None,
                                      "--config-overrides": None, "--blip2": blip2_dir}, extra=("--dtype", "float32"))
     assert convert_main(argv) == 0  # head counts come from the BLIP-2 config: no overrides needed
-    reference, converted = saved_tensors(converted_original_tiny), saved_tensors(output_dir)
+    reference, converted = saved_tensors(converted_tiny_dir), saved_tensors(output_dir)
     assert converted.keys() == reference.keys()
     assert all(torch.equal(converted[key], reference[key]) for key in reference)
     config = json.loads((output_dir / "config.json").read_text())
     assert config["vision_layernorm_eps"] == 1e-5  # BLIP-2's post_layernorm is ln_vision, with the original eps
 
 
-def test_blip2_hub_id_downloads_only_the_vision_and_qformer_shards(tmp_path, converted_original_tiny, monkeypatch):
+def test_blip2_hub_id_downloads_only_the_vision_and_qformer_shards(tmp_path, converted_tiny_dir, monkeypatch):
     hub_dir, snapshot = tmp_path / "hub", tmp_path / "snapshot"
-    tiny_blip2(converted_original_tiny, vocab_size=4000).save_pretrained(hub_dir, max_shard_size="200KB")
+    tiny_blip2(converted_tiny_dir, vocab_size=4000).save_pretrained(hub_dir, max_shard_size="200KB")
     snapshot.mkdir()
     requested = []
 
@@ -419,7 +419,7 @@ def test_blip2_hub_id_downloads_only_the_vision_and_qformer_shards(tmp_path, con
     needed = {name for key, name in weight_map.items() if key.startswith(("vision_model.", "qformer.", "query"))}
     assert set(weight_map.values()) - needed  # some shards hold only BLIP-2's own language model ...
     assert set(requested) - {"config.json", "model.safetensors.index.json"} == needed  # ... and are not fetched
-    assert saved_tensors(output_dir).keys() == saved_tensors(converted_original_tiny).keys()
+    assert saved_tensors(output_dir).keys() == saved_tensors(converted_tiny_dir).keys()
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.base_model == ["someone/blip2-tiny"]
 
@@ -433,7 +433,8 @@ def meta(*shape, dtype=torch.float32) -> torch.Tensor:
 
 
 def original_eva_vit_g(blocks: int = 40, width: int = 1408, mlp: int = 6144, patch: int = 14, grid: int = 16):
-    """The keys and shapes of eva_vit_g.pth (facts sheet §2.1): 40 blocks, of which MiniGPT-4 uses 39."""
+    """The keys and shapes of LAVIS' eva_vit_g.pth (lavis/models/eva_vit.py@506965b `VisionTransformer`, saved bare):
+    40 blocks, of which MiniGPT-4 uses 39 (minigpt4/models/eva_vit.py@22d8888 `create_eva_vit_g`)."""
     state = {"cls_token": meta(1, 1, width), "pos_embed": meta(1, grid * grid + 1, width),
              "patch_embed.proj.weight": meta(width, 3, patch, patch), "patch_embed.proj.bias": meta(width)}
     for i in range(blocks):
@@ -452,7 +453,9 @@ def original_eva_vit_g(blocks: int = 40, width: int = 1408, mlp: int = 6144, pat
 
 def original_blip2_flant5xxl(layers: int = 12, width: int = 768, vision_width: int = 1408, queries: int = 32,
                              ffn: int = 3072, t5_width: int = 4096):
-    """The keys and shapes of blip2_pretrained_flant5xxl.pth's "model" (facts sheet §2.2)."""
+    """The keys and shapes of blip2_pretrained_flant5xxl.pth's "model": the trainable part of LAVIS' `Blip2T5`
+    (lavis/models/blip2_models/blip2_t5.py@506965b; `_save_checkpoint` of lavis/runners/runner_base.py drops frozen
+    parameters)."""
     state = {
         "query_tokens": meta(1, queries, width),
         "ln_vision.weight": meta(vision_width), "ln_vision.bias": meta(vision_width),

@@ -39,13 +39,13 @@ STAGES = {  # fixture name -> (expected .pt file, expected.json section)
 
 
 @pytest.fixture(scope="module")
-def model(converted_original_tiny):
-    return AutoModelForImageTextToText.from_pretrained(converted_original_tiny, trust_remote_code=True).eval()
+def model(converted_tiny_dir):
+    return AutoModelForImageTextToText.from_pretrained(converted_tiny_dir, trust_remote_code=True).eval()
 
 
 @pytest.fixture(scope="module")
-def processor(converted_original_tiny):
-    return AutoProcessor.from_pretrained(converted_original_tiny, trust_remote_code=True)
+def processor(converted_tiny_dir):
+    return AutoProcessor.from_pretrained(converted_tiny_dir, trust_remote_code=True)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ import safetensors.torch
 import torch
 import minigpt4_hf.cli.train as train
 from conftest import ORIGINAL_TINY, REPO_ROOT
+from minigpt4_hf.inference import load_model_and_processor
+from minigpt4_hf.inputs import InputError, check_model_path
 from minigpt4_hf.random_models import build_random_model
 from PIL import Image
 from minigpt4_hf.training import (
@@ -550,6 +552,25 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(model_dir, cc
     assert result["global_step"] == 8
     whole, resumed = load_projection(tmp_path / "whole"), load_projection(interrupted)
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+
+def test_a_projection_checkpoint_on_its_base_model_gives_the_full_model(model_dir, cc_sbu_dir, tmp_path):
+    """The way docs/command-line.md ('Trainer checkpoints') gives from a checkpoint to a full model."""
+    run = tmp_path / "run"
+    train.main(common_flags(run, model_dir, [cc_sbu_dir], max_steps=3, save_strategy="steps", save_steps=3))
+    checkpoint = run / "checkpoint-3"
+    with pytest.raises(InputError, match="is a Trainer checkpoint"):
+        check_model_path(checkpoint)
+
+    model, processor = load_model_and_processor(str(model_dir), device="cpu")
+    init_projection(model, checkpoint / "model.safetensors")
+    model.save_pretrained(tmp_path / "full")
+    processor.save_pretrained(tmp_path / "full")
+
+    reloaded, _ = load_model_and_processor(str(tmp_path / "full"), device="cpu")
+    final = load_projection(run)  # the run ended at its checkpoint: the same projection
+    assert torch.equal(reloaded.language_projection.weight, final["language_projection.weight"])
+    assert torch.equal(reloaded.language_projection.bias, final["language_projection.bias"])
 
 
 def test_resumed_streaming_run_ends_with_the_weights_of_an_uninterrupted_run(model_dir, shards_dir, cc_sbu_dir,

@@ -16,7 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from minigpt4_hf.cli.options import CommandLineParser, UserError, non_negative_int, positive_int, run_main
+from minigpt4_hf.cli.options import (
+    CommandLineParser,
+    UserError,
+    check_extra_installed,
+    console_entry_point,
+    non_negative_int,
+    positive_int,
+)
 from minigpt4_hf.random_models import MODEL_SIZES
 
 
@@ -25,28 +32,21 @@ PROG = "minigpt4-benchmark"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandLineParser(PROG, description=__doc__)
-    parser.add_argument("--size", choices=sorted(MODEL_SIZES), default="small",
-                        help="Random model size (default: %(default)s).")
-    parser.add_argument("--repeats", type=positive_int, default=5,
-                        help="Timed repeats per variant (default: %(default)s).")
-    parser.add_argument("--warmup", type=non_negative_int, default=1,
-                        help="Untimed runs per variant first (default: %(default)s).")
+    parser.add_argument("--size", choices=sorted(MODEL_SIZES), default="small", help="Model size (default: small).")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="Timed repeats per variant (default: 5).")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="Untimed runs per variant (default: 1).")
     parser.add_argument("--new-tokens", type=positive_int, default=64,
-                        help="Tokens generated per call, exactly: generation never stops early (default: "
-                        "%(default)s).")
+                        help="Tokens generated per call, exactly: generation never stops early (default: 64).")
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 2, 4, 8],
                         help="Batch sizes of batched generation (default: 1 2 4 8).")
-    parser.add_argument("--image-batch", type=positive_int, default=1,
-                        help="Images per encoding call (default: %(default)s).")
-    parser.add_argument("--train-batch", type=positive_int, default=2,
-                        help="Samples per training step (default: %(default)s).")
+    parser.add_argument("--image-batch", type=positive_int, default=1, help="Images per encoding call (default: 1).")
+    parser.add_argument("--train-batch", type=positive_int, default=2, help="Samples per training step (default: 2).")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="Skip the torch.compile variant of image encoding (default: compile it).")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s).")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu).")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--json", type=Path, help="Write all results here, as JSON (default: none).")
-    parser.add_argument("--plot", type=Path,
-                        help="PNG of tokens/s against batch size (default: next to --json, else none).")
+    parser.add_argument("--plot", type=Path, help="PNG of tokens/s against batch size (default: next to --json).")
     return parser.parse_args(argv)
 
 
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: no CUDA GPU is visible to torch; run on the CPU with --device "
                             "cpu.")
+    if args.json or args.plot:
+        check_extra_installed("benchmark", "matplotlib")
     from minigpt4_hf.benchmark import BenchmarkSettings, plot_batch_scaling, results_table, run_benchmark, write_json
 
     settings = BenchmarkSettings(
@@ -84,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    """Console entry point `minigpt4-benchmark`."""
-    run_main(main, PROG)
+cli = console_entry_point(main, PROG)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from minigpt4_hf.cli.options import (
     UserError,
     add_generation_arguments,
     add_model_arguments,
+    check_extra_installed,
+    console_entry_point,
     positive_int,
-    run_main,
 )
 from minigpt4_hf.stage2_data import (
     DEFAULT_STEPS,
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         review_file=args.review_file, review_decisions=args.review_decisions, push_to_hub=args.push_to_hub,
         private=args.private,
     )
+    if "export" in config.steps:
+        check_extra_installed("data", "datasets")
     try:
         run(config)
     except (ValueError, RefinerSetupError) as error:
@@ -142,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    """Console entry point `minigpt4-build-stage2-data`."""
-    run_main(main, PROG)
+cli = console_entry_point(main, PROG)
 
 
 if __name__ == "__main__":

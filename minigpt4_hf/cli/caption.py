@@ -20,17 +20,8 @@ import glob
 import os
 import sys
 
-from minigpt4_hf.cli.options import (
-    CommandLineParser,
-    UserError,
-    add_generation_arguments,
-    add_model_arguments,
-    generation_kwargs_from_args,
-    model_loading_kwargs,
-    positive_int,
-    run_main,
-    seed_if_asked,
-)
+from minigpt4_hf.cli.options import CommandLineParser, UserError, add_inference_arguments, load_model_from_args
+from minigpt4_hf.cli.options import console_entry_point, positive_int
 from minigpt4_hf.inputs import check_model_path
 from minigpt4_hf.journal import Journal
 
@@ -43,7 +34,7 @@ DEFAULT_PROMPT = "Describe this image in detail."
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandLineParser(PROG, description=__doc__)
-    add_model_arguments(parser)
+    add_inference_arguments(parser, sample=False)
     parser.add_argument(
         "--images", required=True, help="A folder (its image files), one image file, or a quoted glob ('a/**/*.png')."
     )
@@ -55,7 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--retry-errors", action="store_true",
         help="Try again the images whose last line in --output is an error (default: off).",
     )
-    add_generation_arguments(parser, sample=False)
     args = parser.parse_args(argv)
     if not args.prompt.strip():
         parser.error("--prompt is empty")
@@ -138,11 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from minigpt4_hf.inference import load_model_and_processor
-
-    model, processor = load_model_and_processor(args.model, **model_loading_kwargs(args))
-    seed_if_asked(args.seed)
-    generate_kwargs = generation_kwargs_from_args(args)
+    model, processor, generate_kwargs = load_model_from_args(args)
     generation = {**generate_kwargs, "seed": args.seed}
 
     written = unreadable = 0
@@ -174,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    """Console entry point `minigpt4-caption`."""
-    run_main(main, PROG)
+cli = console_entry_point(main, PROG)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,8 @@ are generated, one a line; notices and prompts go to stderr. Commands: /image FI
 import argparse
 import sys
 
-from minigpt4_hf.cli.options import (
-    CommandLineParser,
-    UserError,
-    add_generation_arguments,
-    add_model_arguments,
-    generation_kwargs_from_args,
-    model_loading_kwargs,
-    positive_int,
-    run_main,
-    seed_if_asked,
-)
+from minigpt4_hf.cli.options import CommandLineParser, UserError, add_inference_arguments, load_model_from_args
+from minigpt4_hf.cli.options import console_entry_point, positive_int
 from minigpt4_hf.generation import ORIGINAL_CONTEXT_BUDGET
 from minigpt4_hf.inputs import check_image_file, check_model_path
 
@@ -38,7 +29,7 @@ COMMANDS_HELP = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandLineParser(PROG, description=__doc__)
-    add_model_arguments(parser)
+    add_inference_arguments(parser, sample=True)
     parser.add_argument("--image", help="The image to talk about (default: none; interactive mode can load one with "
                         "/image FILE).")
     parser.add_argument(
@@ -50,7 +41,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Token budget of prompt + answer; older turns are dropped beyond it (default: %(default)s, the "
         "original's).",
     )
-    add_generation_arguments(parser, sample=True)
     args = parser.parse_args(argv)
     if args.prompt is not None and args.image is None:
         parser.error("--prompt answers a question about an image: add --image FILE.")
@@ -172,19 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         check_image_file(args.image)
     image = read_image(args.image) if args.image is not None else None  # fail fast, before loading the model
 
-    from minigpt4_hf.inference import Conversation, load_model_and_processor
+    from minigpt4_hf.inference import Conversation
 
-    model, processor = load_model_and_processor(args.model, **model_loading_kwargs(args))
-    seed_if_asked(args.seed)
-    conversation = Conversation(model, processor, generation_kwargs_from_args(args), args.max_context_tokens)
+    model, processor, generate_kwargs = load_model_from_args(args)
+    conversation = Conversation(model, processor, generate_kwargs, args.max_context_tokens)
     if args.prompt is not None:
         return answer_once(conversation, image, args.prompt)
     return chat_interactively(conversation, image, sys.stdin)
 
 
-def cli() -> None:
-    """Console entry point `minigpt4-chat`."""
-    run_main(main, PROG)
+cli = console_entry_point(main, PROG)
 
 
 if __name__ == "__main__":

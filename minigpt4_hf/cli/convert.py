@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from minigpt4_hf.cli.options import EXIT_FAILED, CommandLineParser, UserError, run_main
+from minigpt4_hf.cli.options import EXIT_FAILED, CommandLineParser, UserError, console_entry_point
 from minigpt4_hf.inputs import DTYPE_CHOICES, check_file, check_folder, looks_like_hub_id
 
 
@@ -292,9 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    """Console entry point `minigpt4-convert`."""
-    run_main(main, PROG)
+cli = console_entry_point(main, PROG)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The MiniGPT-4 web demo (Gradio), as the original `demo.py`: upload an image, chat about it with streamed answers,
 beam-search and temperature sliders, restart.
 
-    pip install 'minigpt4-hf[demo]'
+    pip install '.[demo]'                                  # in the checkout: gradio
     minigpt4-demo --model PATH_OR_ID                       # http://127.0.0.1:7860
     minigpt4-demo --model PATH_OR_ID --host 0.0.0.0 --port 8080 --load-in-8bit
 """
@@ -11,17 +11,8 @@ beam-search and temperature sliders, restart.
 import argparse
 import os
 
-from minigpt4_hf.cli.options import (
-    CommandLineParser,
-    UserError,
-    add_generation_arguments,
-    add_model_arguments,
-    generation_kwargs_from_args,
-    model_loading_kwargs,
-    positive_int,
-    run_main,
-    seed_if_asked,
-)
+from minigpt4_hf.cli.options import CommandLineParser, add_inference_arguments, check_extra_installed
+from minigpt4_hf.cli.options import console_entry_point, load_model_from_args, positive_int
 from minigpt4_hf.generation import CHAT_GENERATION_DEFAULTS, ORIGINAL_CONTEXT_BUDGET
 from minigpt4_hf.inputs import check_model_path
 
@@ -34,7 +25,7 @@ TITLE = "# MiniGPT-4\nUpload an image, press **Upload & Start Chat**, then ask a
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandLineParser(PROG, description=__doc__)
-    add_model_arguments(parser)
+    add_inference_arguments(parser, sample=True)
     parser.add_argument("--host", default="127.0.0.1",
                         help="Address to serve on; 0.0.0.0 = every interface (default: %(default)s).")
     parser.add_argument("--port", type=positive_int, default=7860, help="Port to serve on (default: %(default)s).")
@@ -45,7 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Token budget of prompt + answer; older turns are dropped beyond it (default: %(default)s, the "
         "original's).",
     )
-    add_generation_arguments(parser, sample=True)
     return parser.parse_args(argv)
 
 
@@ -144,23 +134,15 @@ def build_demo(model, processor, generation_kwargs: dict | None = None, context_
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_model_path(args.model)
+    check_extra_installed("demo", "gradio")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise UserError("The demo needs gradio: pip install 'minigpt4-hf[demo]'.") from None
-    from minigpt4_hf.inference import load_model_and_processor
-
-    model, processor = load_model_and_processor(args.model, **model_loading_kwargs(args))
-    seed_if_asked(args.seed)
-    demo = build_demo(model, processor, generation_kwargs_from_args(args), args.max_context_tokens)
+    model, processor, generate_kwargs = load_model_from_args(args)
+    demo = build_demo(model, processor, generate_kwargs, args.max_context_tokens)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 
 
-def cli() -> None:
-    """Console entry point `minigpt4-demo`."""
-    run_main(main, PROG)
+cli = console_entry_point(main, PROG)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ checks answer before torch or transformers are imported.
 """
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 
@@ -34,8 +35,11 @@ EPILOG = (
 UserError = InputError
 
 
-def run_main(main: Callable[[], int | None], prog: str) -> None:
-    """Runs a tool's `main`, turning `UserError` into `prog: error: MESSAGE` on stderr and exit status 2."""
+def run_main(main: Callable[[], object], prog: str) -> None:
+    """
+    Runs a tool's `main` and exits with its status (an int; anything else, e.g. a result dict, counts as done),
+    turning `UserError` into `prog: error: MESSAGE` on stderr and exit status 2.
+    """
     try:
         status = main()
     except UserError as error:
@@ -44,7 +48,17 @@ def run_main(main: Callable[[], int | None], prog: str) -> None:
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    sys.exit(status or EXIT_OK)
+    sys.exit(status if isinstance(status, int) else EXIT_OK)
+
+
+def console_entry_point(main: Callable[[], object], prog: str) -> Callable[[], None]:
+    """The `cli()` of a tool: `run_main(main, prog)` (what the console entry point and scripts/*.py call)."""
+
+    def cli() -> None:
+        run_main(main, prog)
+
+    cli.__doc__ = f"Console entry point `{prog}`."
+    return cli
 
 
 def dashes_for_underscores(argv: Sequence[str]) -> list[str]:
@@ -148,8 +162,7 @@ def add_model_arguments(container, required: bool = True, dtype_auto: str | None
     quantization = container.add_mutually_exclusive_group()
     quantization.add_argument(
         "--load-in-8bit", action="store_true",
-        help="LLM.int8 language model (bitsandbytes, CUDA only; pip install 'minigpt4-hf[quantization]') (default: "
-        "off).",
+        help="LLM.int8 language model (bitsandbytes, CUDA only: the quantization extra) (default: off).",
     )
     quantization.add_argument(
         "--load-in-4bit", action="store_true",
@@ -195,6 +208,14 @@ def generation_kwargs_from_args(args: argparse.Namespace) -> dict:
     })
 
 
+def check_extra_installed(extra: str, *packages: str) -> None:
+    """Refuses to go on when a package of an optional extra is missing, saying which extra to install."""
+    missing = [package for package in packages if importlib.util.find_spec(package) is None]
+    if missing:
+        raise UserError(f"this needs {', '.join(missing)}: install the {extra} extra (pip install '.[{extra}]' in the "
+                        f"checkout, or pip install {' '.join(missing)}).")
+
+
 def seed_if_asked(seed: int | None) -> None:
     """Seeds Python, NumPy and torch (transformers' `set_seed`) when `--seed` was given."""
     if seed is not None:
@@ -203,7 +224,25 @@ def seed_if_asked(seed: int | None) -> None:
         set_seed(seed)
 
 
+def add_inference_arguments(parser: argparse.ArgumentParser, *, sample: bool) -> None:
+    """The model and generation flags of the tools that answer about images (chat, caption, demo)."""
+    add_model_arguments(parser)
+    add_generation_arguments(parser, sample=sample)
+
+
 def model_loading_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments of `minigpt4_hf.inference.load_model_and_processor` from the model flags."""
     return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map,
             "load_in_8bit": args.load_in_8bit, "load_in_4bit": args.load_in_4bit}
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """
+    The model of `--model` loaded with the model flags (through the one loader), the random generators seeded when
+    `--seed` is given, and the `generate()` keyword arguments of the generation flags: `(model, processor, kwargs)`.
+    """
+    from minigpt4_hf.inference import load_model_and_processor
+
+    model, processor = load_model_and_processor(args.model, **model_loading_kwargs(args))
+    seed_if_asked(args.seed)
+    return model, processor, generation_kwargs_from_args(args)

@@ -14,7 +14,7 @@ an earlier quickstart wrote.
 import argparse
 import os
 
-from minigpt4_hf.cli.options import CommandLineParser, positive_int, run_main
+from minigpt4_hf.cli.options import CommandLineParser, console_entry_point, positive_int
 from minigpt4_hf.inputs import check_image_file
 from minigpt4_hf.random_models import EXAMPLE_IMAGE
 
@@ -69,14 +69,7 @@ def main(argv: list[str] | None = None) -> str:
     return answer
 
 
-def cli() -> None:
-    """Console entry point `minigpt4-quickstart`."""
-
-    def run() -> int:
-        main()
-        return 0
-
-    run_main(run, PROG)
+cli = console_entry_point(main, PROG)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,14 @@ import logging
 import sys
 from pathlib import Path
 
-from minigpt4_hf.cli.options import CommandLineParser, UserError, dashes_for_underscores, positive_int, run_main
+from minigpt4_hf.cli.options import (
+    CommandLineParser,
+    UserError,
+    check_extra_installed,
+    console_entry_point,
+    dashes_for_underscores,
+    positive_int,
+)
 from minigpt4_hf.inputs import (
     DTYPE_CHOICES,
     check_data_path,
@@ -295,6 +302,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     """
     args = parse_command_line(argv)
     check_inputs(args)
+    check_extra_installed("train", "accelerate", "datasets", *(["peft"] if args.lora_r > 0 else []))
 
     import transformers
 
@@ -401,14 +409,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     }
 
 
-def cli() -> None:
-    """Console entry point `minigpt4-train`."""
-
-    def run() -> int:
-        main()
-        return 0
-
-    run_main(run, PROG)
+cli = console_entry_point(main, PROG)
 
 
 if __name__ == "__main__":
