@@ -510,11 +510,11 @@ def image_encoding_case(models: BenchmarkModels, settings: BenchmarkSettings) ->
             ModelSetup(models.fp32).apply()
 
     def encode(setup: ModelSetup) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
+        def encode_images() -> torch.Tensor:
             with setup.applied() as model:
                 return model.get_image_features(pixel_values)
 
-        return run
+        return encode_images
 
     variants = {name: encode(setup) for name, setup in setups.items()}
     with torch.inference_mode():
@@ -586,10 +586,10 @@ def batched_generation_case(models: BenchmarkModels, settings: BenchmarkSettings
     inputs = {batch: generation_inputs(models, batch) for batch in settings.batch_sizes}
 
     def generate_batch(batch: int) -> Callable[[LogitsProcessorList], torch.LongTensor]:
-        def run(processors: LogitsProcessorList) -> torch.LongTensor:
+        def generate_rows(processors: LogitsProcessorList) -> torch.LongTensor:
             return model.generate(**inputs[batch], logits_processor=processors, **generate_kwargs)
 
-        return run
+        return generate_rows
 
     names = {batch: f"batch {batch}" for batch in settings.batch_sizes}
     with torch.inference_mode():

@@ -173,7 +173,7 @@ def input_device(model: torch.nn.Module) -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Batched answers (caption.py) and the chat (chat.py, demo.py).
+# Batched answers (minigpt4-caption, the stage-2 builder) and the chat (minigpt4-chat, minigpt4-demo).
 
 
 @torch.inference_mode()
@@ -369,7 +369,7 @@ class Conversation:
             self._store_answer(result["ids"], inputs)
 
     def reset(self, keep_images: bool = False) -> None:
-        """Forgets the history (the demo's Restart), and the images too unless `keep_images` (chat.py's `/reset`)."""
+        """Forgets the history (the demo's Restart), and the images too unless `keep_images` (the chat's `/reset`)."""
         images = list(self.images) if keep_images else []
         self.messages.clear()
         self.images.clear()

@@ -91,10 +91,10 @@ def check_model_path(path: str | os.PathLike, flag: str = "--model") -> None:
     step = trainer_checkpoint_step(folder)
     if step is not None:
         raise InputError(
-            f"{flag} {text} is a Trainer checkpoint (step {step}: trained weights and optimizer state only), not a full "
-            f"model. Use the run's --output-dir (the full model is written there when the run ends; finish a stopped "
-            f"run with minigpt4-train, the same flags and --resume {text}), or see docs/command-line.md, 'Trainer "
-            "checkpoints'."
+            f"{flag} {text} is a Trainer checkpoint (step {step}: trained weights and optimizer state only), not a "
+            f"full model. Use the run's --output-dir (the full model is written there when the run ends; finish a "
+            f"stopped run with minigpt4-train, the same flags and --resume {text}), or see docs/command-line.md, "
+            "'Trainer checkpoints'."
         )
     if not (folder / "config.json").is_file():
         raise InputError(f"{flag} {text} has no config.json: it is not a saved model. Give {SAVED_MODEL_HELP}.")

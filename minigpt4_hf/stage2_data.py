@@ -456,7 +456,7 @@ def refine_descriptions(refiner, describe_journal: Journal, journal: Journal, co
 
     counts: Counter = Counter()
 
-    def record(image_id: str, source: str, outcome: RefineResult | RefineFailure) -> None:
+    def record_outcome(image_id: str, source: str, outcome: RefineResult | RefineFailure) -> None:
         if isinstance(outcome, RefineFailure):
             journal.append({"image_id": image_id, "status": "failed", "error": str(outcome),
                             "attempts": outcome.attempts, "source_digest": source})
@@ -473,7 +473,7 @@ def refine_descriptions(refiner, describe_journal: Journal, journal: Journal, co
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             for (image_id, _, source), result in zip(batch, refiner.refine_batch([text for _, text, _ in batch])):
-                record(image_id, source, result)
+                record_outcome(image_id, source, result)
             progress.update(len(batch))
     else:
         pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="refine")
@@ -485,7 +485,7 @@ def refine_descriptions(refiner, describe_journal: Journal, journal: Journal, co
                     outcome = future.result()
                 except RefineFailure as failure:
                     outcome = failure
-                record(image_id, source, outcome)
+                record_outcome(image_id, source, outcome)
                 progress.update(1)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

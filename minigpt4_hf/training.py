@@ -288,7 +288,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def record(self, index: int) -> dict:
+    def record_at(self, index: int) -> dict:
         row = self.records[index]
         id_column = self.columns.get("id")
         sample_id = row[id_column] if id_column else index
@@ -297,7 +297,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self)):
             current = (index + offset) % len(self)
-            record = self.record(current)
+            record = self.record_at(current)
             if record["sample_id"] in self.skipped.reasons:
                 continue
             try:
@@ -565,7 +565,7 @@ def build_training_dataset(
 def _records_stream(dataset, columns: dict[str, str | None], base_dir: str | None):
     """A map-style dataset as a stream of records (image paths made absolute), for mixing with shards."""
 
-    def to_record(row: dict, index: int) -> dict:
+    def row_to_record(row: dict, index: int) -> dict:
         image = row[columns["image"]]
         if isinstance(image, str):
             image = {"bytes": None, "path": image}
@@ -577,7 +577,7 @@ def _records_stream(dataset, columns: dict[str, str | None], base_dir: str | Non
         return {"image": image, "text": row[columns["text"]], "sample_id": str(sample_id)}
 
     stream = dataset.to_iterable_dataset(num_shards=min(64, max(1, len(dataset))))
-    return stream.map(to_record, with_indices=True, remove_columns=list(dataset.column_names),
+    return stream.map(row_to_record, with_indices=True, remove_columns=list(dataset.column_names),
                       features=_record_features())
 
 

@@ -87,7 +87,8 @@ def snapshot(folder) -> dict:
 
 
 def test_every_tool_is_a_console_entry_point_and_a_scripts_launcher():
-    declared = dict(re.findall(r'"(minigpt4-[\w-]+) = minigpt4_hf\.cli\.(\w+):cli"', (REPO_ROOT / "setup.py").read_text()))
+    setup = (REPO_ROOT / "setup.py").read_text()
+    declared = dict(re.findall(r'"(minigpt4-[\w-]+) = minigpt4_hf\.cli\.(\w+):cli"', setup))
     assert declared == TOOLS
     launched = {re.search(r"from minigpt4_hf\.cli\.(\w+) import cli", path.read_text()).group(1)
                 for path in (REPO_ROOT / "scripts").glob("*.py")}

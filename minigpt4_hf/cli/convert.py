@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_inputs(args: argparse.Namespace) -> None:
+def check_conversion_inputs(args: argparse.Namespace) -> None:
     """The input files and folders exist and the output folder may be written (before anything heavy is imported)."""
     for flag, path in (("--vit-checkpoint", args.vit_checkpoint), ("--qformer-checkpoint", args.qformer_checkpoint),
                        ("--projection-checkpoint", args.projection_checkpoint),
@@ -281,7 +281,7 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Converts; bad input raises `UserError` (exit 2), a failed upload returns 1 (the folder is kept)."""
     args = parse_args(argv)
-    check_inputs(args)
+    check_conversion_inputs(args)
     output_dir = convert(args)
     if args.push_to_hub:
         try:

@@ -79,7 +79,7 @@ def build_parser() -> CommandLineParser:
     parser = CommandLineParser(PROG, description=__doc__)
     own = set()
 
-    def add(container, *names: str, help: str, **kwargs):
+    def add_flag(container, *names: str, help: str, **kwargs):
         """A flag; a preset one gets None as its default (filled from the stage) and the presets in its help."""
         dest = names[0][2:].replace("-", "_")
         own.add(dest)
@@ -87,6 +87,9 @@ def build_parser() -> CommandLineParser:
             kwargs["default"] = None
             help = f"{help} (default: {preset_default(dest)})"
         elif kwargs.get("action") == "store_true":
+            # On/off flags also take a value (`--merge-lora false`), as TrainingArguments' booleans do.
+            del kwargs["action"]
+            kwargs.update(type=boolean, nargs="?", const=True, default=False, metavar="true|false")
             help = f"{help} (default: off)"
         elif "default" in kwargs and "(default" not in help:
             help = f"{help} (default: %(default)s)"
@@ -95,64 +98,67 @@ def build_parser() -> CommandLineParser:
     parser.add_argument("--help-trainer", action="store_true",
                         help="List every transformers TrainingArguments flag and exit (this imports torch).")
     run = parser.add_argument_group("run")
-    add(run, "--stage", type=int, choices=sorted(STAGE_PRESETS), required=True,
-        help="Recipe preset: 1 (image-caption pretraining) or 2 (alignment).")
-    add(run, "--model", "--model-name-or-path", required=True, metavar="FOLDER_OR_HUB_ID",
-        help="The MiniGPT-4 to start from: a saved folder (model + processor) or a Hub id.")
-    add(run, "--dtype", help="dtype of the frozen weights; trainable ones stay float32. auto = float32 (the model is "
-        "loaded on the CPU; the Trainer moves it)", choices=DTYPE_CHOICES, default="float32")
-    add(run, "--data-path", nargs="+", required=True, metavar="PATH",
-        help="cc_sbu_align folder (the one holding filter_cap.json), webdataset shards (folder, glob, {000..999}), "
-        "saved HF dataset, data file or Hub dataset id; several are mixed by --data-ratios.")
-    add(run, "--data-ratios", help="Sampling weight per --data-path (default: equal).", type=float, nargs="+")
-    add(run, "--output-dir", required=True, metavar="DIR",
-        help="Where checkpoints and the final model go; a folder of an earlier run is refused unless --resume or "
-        "--overwrite-output-dir.")
-    add(run, "--overwrite-output-dir", action="store_true",
-        help="Train into --output-dir even though an earlier run wrote there (its checkpoint-N folders stay; the final "
-        "model is replaced)")
-    add(run, "--resume", "--resume-from-checkpoint", nargs="?", const="last", metavar="CHECKPOINT",
-        help="Continue from a checkpoint-N folder, or from the newest one in --output-dir ('last', or no value) "
-        "(default: start afresh).")
+    add_flag(run, "--stage", type=int, choices=sorted(STAGE_PRESETS), required=True,
+             help="Recipe preset: 1 (image-caption pretraining) or 2 (alignment).")
+    add_flag(run, "--model", "--model-name-or-path", required=True, metavar="FOLDER_OR_HUB_ID",
+             help="The MiniGPT-4 to start from: a saved folder (model + processor) or a Hub id.")
+    add_flag(run, "--dtype", choices=DTYPE_CHOICES, default="float32",
+             help="dtype of the frozen weights; trainable ones stay float32. auto = float32 (the model is loaded on "
+             "the CPU; the Trainer moves it)")
+    add_flag(run, "--data-path", nargs="+", required=True, metavar="PATH",
+             help="cc_sbu_align folder (the one holding filter_cap.json), webdataset shards (folder, glob, "
+             "{000..999}), saved HF dataset, data file or Hub dataset id; several are mixed by --data-ratios.")
+    add_flag(run, "--data-ratios", help="Sampling weight per --data-path (default: equal).", type=float, nargs="+")
+    add_flag(run, "--output-dir", required=True, metavar="DIR",
+             help="Where checkpoints and the final model go; a folder of an earlier run is refused unless --resume or "
+             "--overwrite-output-dir.")
+    add_flag(run, "--overwrite-output-dir", action="store_true",
+             help="Train into --output-dir even though an earlier run wrote there (its checkpoint-N folders stay; the "
+             "final model is replaced)")
+    add_flag(run, "--resume", "--resume-from-checkpoint", nargs="?", const="last", metavar="CHECKPOINT",
+             help="Continue from a checkpoint-N folder, or from the newest one in --output-dir ('last', or no value) "
+             "(default: start afresh).")
 
     model = parser.add_argument_group("model")
-    add(model, "--init-projection",
-        help="Warm-start the projection: a language_projection.safetensors from a stage-1 run, or the original's .pth "
-        "({'model': {'llama_proj.weight', 'llama_proj.bias'}}) (default: none).")
-    add(model, "--unfreeze-qformer", help="Also train the Q-Former and its query tokens", action="store_true")
-    add(model, "--lora-r", help="LoRA rank on the language model; 0 = no LoRA", type=int, default=0)
-    add(model, "--lora-alpha", help="LoRA alpha", type=int, default=16)
-    add(model, "--lora-dropout", help="LoRA dropout", type=float, default=0.05)
-    add(model, "--lora-target-modules", nargs="+", default=["q_proj", "v_proj"],
-        help="Language-model Linear layer names that get LoRA ('all-linear' for all but the head)")
-    add(model, "--merge-lora", help="Merge LoRA into the saved weights", action="store_true")
-    add(model, "--save-frozen-weights", help="Write whole models into checkpoints (otherwise: trained weights only)",
-        action="store_true")
+    add_flag(model, "--init-projection",
+             help="Warm-start the projection: a language_projection.safetensors from a stage-1 run, or the original's "
+             ".pth ({'model': {'llama_proj.weight', 'llama_proj.bias'}}) (default: none).")
+    add_flag(model, "--unfreeze-qformer", help="Also train the Q-Former and its query tokens", action="store_true")
+    add_flag(model, "--lora-r", help="LoRA rank on the language model; 0 = no LoRA", type=int, default=0)
+    add_flag(model, "--lora-alpha", help="LoRA alpha", type=int, default=16)
+    add_flag(model, "--lora-dropout", help="LoRA dropout", type=float, default=0.05)
+    add_flag(model, "--lora-target-modules", nargs="+", default=["q_proj", "v_proj"],
+             help="Language-model Linear layer names that get LoRA ('all-linear' for all but the head)")
+    add_flag(model, "--merge-lora", help="Merge LoRA into the saved weights", action="store_true")
+    add_flag(model, "--save-frozen-weights", action="store_true",
+             help="Write whole models into checkpoints (otherwise: trained weights only)")
 
     data = parser.add_argument_group("data")
-    add(data, "--image-column", help="Image column (default: guessed).")
-    add(data, "--text-column", help="Caption column (default: guessed).")
-    add(data, "--max-txt-len", help="Target tokens kept per sample, end symbol included.", type=positive_int)
-    add(data, "--end-symbol", help="Appended to each caption; escapes like \\n work.")
-    add(data, "--prompt-template", help="Template around each prompt, e.g. '###Human: {} ###Assistant: '; empty = no "
-        "prompt (the text is <ImageHere> alone).")
-    add(data, "--prompts-file", help="Instructions, one per line with <ImageHere> (default: the original alignment.txt "
-        "prompts).")
-    add(data, "--clean-captions", help="Clean captions as the original blip_caption (true/false).", type=boolean,
-        nargs="?", const=True)
-    add(data, "--max-caption-words", help="Word limit of caption cleaning", type=positive_int, default=50)
-    add(data, "--image-transform", help="random_resized_crop (the released weights' recipe) or resize (a plain squash)",
-        choices=IMAGE_TRANSFORMS, default="random_resized_crop")
-    add(data, "--crop-scale-min", help="RandomResizedCrop smallest area fraction", type=float, default=0.5)
-    add(data, "--crop-scale-max", help="RandomResizedCrop largest area fraction", type=float, default=1.0)
-    add(data, "--shuffle-buffer", help="Shuffle buffer of streamed (webdataset) data", type=positive_int, default=1000)
+    add_flag(data, "--image-column", help="Image column (default: guessed).")
+    add_flag(data, "--text-column", help="Caption column (default: guessed).")
+    add_flag(data, "--max-txt-len", help="Target tokens kept per sample, end symbol included.", type=positive_int)
+    add_flag(data, "--end-symbol", help="Appended to each caption; escapes like \\n work.")
+    add_flag(data, "--prompt-template",
+             help="Template around each prompt, e.g. '###Human: {} ###Assistant: '; empty = no prompt (the text is "
+             "<ImageHere> alone).")
+    add_flag(data, "--prompts-file",
+             help="Instructions, one per line with <ImageHere> (default: the original alignment.txt prompts).")
+    add_flag(data, "--clean-captions", help="Clean captions as the original blip_caption (true/false).", type=boolean,
+             nargs="?", const=True)
+    add_flag(data, "--max-caption-words", help="Word limit of caption cleaning", type=positive_int, default=50)
+    add_flag(data, "--image-transform", choices=IMAGE_TRANSFORMS, default="random_resized_crop",
+             help="random_resized_crop (the released weights' recipe) or resize (a plain squash)")
+    add_flag(data, "--crop-scale-min", help="RandomResizedCrop smallest area fraction", type=float, default=0.5)
+    add_flag(data, "--crop-scale-max", help="RandomResizedCrop largest area fraction", type=float, default=1.0)
+    add_flag(data, "--shuffle-buffer", type=positive_int, default=1000,
+             help="Shuffle buffer of streamed (webdataset) data")
 
     schedule = parser.add_argument_group("learning rate")
-    add(schedule, "--min-lr", help="Final learning rate of the cosine.", type=float)
-    add(schedule, "--warmup-lr", help="Learning rate at the first warmup step.", type=float)
-    add(schedule, "--lr-schedule", choices=["linear_warmup_cosine", "trainer"],
-        help="linear_warmup_cosine (the original's) or trainer (--lr-scheduler-type) (default: trainer when "
-        "--lr-scheduler-type is given, else linear_warmup_cosine).")
+    add_flag(schedule, "--min-lr", help="Final learning rate of the cosine.", type=float)
+    add_flag(schedule, "--warmup-lr", help="Learning rate at the first warmup step.", type=float)
+    add_flag(schedule, "--lr-schedule", choices=["linear_warmup_cosine", "trainer"],
+             help="linear_warmup_cosine (the original's) or trainer (--lr-scheduler-type) (default: trainer when "
+             "--lr-scheduler-type is given, else linear_warmup_cosine).")
 
     trainer = parser.add_argument_group(
         "TrainingArguments flags the stage presets set (every other TrainingArguments flag is accepted too)"
@@ -160,8 +166,8 @@ def build_parser() -> CommandLineParser:
     parser.trainer_preset_flags = [name for name in dict.fromkeys(key for preset in STAGE_PRESETS.values()
                                                                    for key in preset) if name not in own]
     for name in parser.trainer_preset_flags:
-        add(trainer, "--" + name.replace("_", "-"), metavar="VALUE",
-            help=TRAINER_FLAG_HELP.get(name, f"TrainingArguments.{name}."))
+        add_flag(trainer, "--" + name.replace("_", "-"), metavar="VALUE",
+             help=TRAINER_FLAG_HELP.get(name, f"TrainingArguments.{name}."))
     return parser
 
 
@@ -210,7 +216,7 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_inputs(args: argparse.Namespace) -> None:
+def check_training_inputs(args: argparse.Namespace) -> None:
     """Every path the run needs, before anything is imported or loaded."""
     check_model_path(args.model)
     for path in args.data_path:
@@ -301,7 +307,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         `{"output_dir", "global_step", "log_history", "skipped_images" (id -> reason), "train_loss"}`.
     """
     args = parse_command_line(argv)
-    check_inputs(args)
+    check_training_inputs(args)
     check_extra_installed("train", "accelerate", "datasets", *(["peft"] if args.lora_r > 0 else []))
 
     import transformers
