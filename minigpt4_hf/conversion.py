@@ -127,6 +127,13 @@ class InputKind:
         return None
 
 
+# The parts of a transformers BLIP-2 checkpoint that MiniGPT-4 does not take (pattern, what it is).
+BLIP2_NOT_READ = (
+    (r"^language_model\.", "BLIP-2's own language model"),
+    (r"^language_projection\.", "BLIP-2's projection into its own language model"),
+)
+
+
 def _has_prefix(*prefixes: str) -> Callable[[set[str]], bool]:
     return lambda keys: any(key.startswith(prefixes) for key in keys)
 
@@ -183,10 +190,7 @@ KINDS = {
             RenameRule("qformer.{rest}", "qformer.{rest}"),
             RenameRule("query_tokens", "query_tokens"),
         ),
-        ignored=(
-            (r"^language_model\.", "BLIP-2's own language model"),
-            (r"^language_projection\.", "BLIP-2's projection into its own language model"),
-        ),
+        ignored=BLIP2_NOT_READ,
     ),
     "llm": InputKind(
         flag="--llm",

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = DescribeSettings()
     add_model_arguments(
         describe, required=False,
-        dtype_auto="Weights' dtype, of the stage-1 model and a --refiner-local model. auto: the checkpoint's own dtype "
+        dtype_help="Weights' dtype, of the stage-1 model and a --refiner-local model. auto: the checkpoint's own dtype "
         "on a GPU, float32 on the CPU, float16 with --load-in-8bit / --load-in-4bit (default: %(default)s).",
     )
     describe.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,

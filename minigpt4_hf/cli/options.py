@@ -74,10 +74,6 @@ def dashes_for_underscores(argv: Sequence[str]) -> list[str]:
     return converted
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the description's layout (it holds example commands)."""
-
-
 class CommandLineParser(argparse.ArgumentParser):
     """
     `argparse.ArgumentParser` with the project's convention: `prog` is the console entry point's name, underscore
@@ -85,7 +81,7 @@ class CommandLineParser(argparse.ArgumentParser):
     """
 
     def __init__(self, prog: str, description: str | None = None, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)  # the description holds examples
         kwargs.setdefault("epilog", EPILOG)
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(prog=prog, description=description, **kwargs)
@@ -135,7 +131,7 @@ def probability(text: str) -> float:
 # Flags shared by several tools.
 
 
-def add_model_arguments(container, required: bool = True, dtype_auto: str | None = None) -> None:
+def add_model_arguments(container, required: bool = True, dtype_help: str | None = None) -> None:
     """
     `--model`, `--dtype`, `--device`, `--device-map`, `--load-in-8bit` / `--load-in-4bit`, as the one model loader
     (`minigpt4_hf.inference.load_model_and_processor`) takes them. `container` is a parser or an argument group.
@@ -147,7 +143,7 @@ def add_model_arguments(container, required: bool = True, dtype_auto: str | None
     )
     container.add_argument(
         "--dtype", choices=DTYPE_CHOICES, default="auto",
-        help=dtype_auto or "Weights' dtype. auto: the checkpoint's own dtype on a GPU, float32 on the CPU, float16 "
+        help=dtype_help or "Weights' dtype. auto: the checkpoint's own dtype on a GPU, float32 on the CPU, float16 "
         "with --load-in-8bit / --load-in-4bit (default: %(default)s).",
     )
     container.add_argument(
@@ -170,7 +166,10 @@ def add_model_arguments(container, required: bool = True, dtype_auto: str | None
     )
 
 
-def add_generation_arguments(container, *, sample: bool, max_new_tokens: int = 300, seed: int | None = None) -> None:
+def add_generation_arguments(
+    container, *, sample: bool, max_new_tokens: int = CHAT_GENERATION_DEFAULTS["max_new_tokens"],
+    seed: int | None = None,
+) -> None:
     """
     The generation flags, with the original chat's defaults. `--sample` / `--no-sample` is the one sampling switch of
     every tool; `sample` is this tool's default (the chat samples as the original did; batch captioning is greedy).
