@@ -3,23 +3,42 @@ The JSON-lines journal of long jobs (batch captioning, the stage-2 data builder)
 that running the same command again continues where the last run stopped.
 """
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 
 logger = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Holds Ctrl-C (SIGINT) back until the block is done, then raises it; outside the main thread, does nothing."""
+    received = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main thread: signals are not delivered here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
+
+
 class Journal:
     """
     An append-only JSON-lines file of records, each keyed by `key(record)` (or `record[key]` for a field name).
 
-    Every `append` / `extend` is one `write` of whole lines, synced to disk (`fsync`) before it returns, so a process
-    killed at any moment leaves every earlier record intact. A last line cut short by a kill (the item in flight) is
+    Every `append` / `extend` is one `write` of whole lines, synced to disk (`fsync`) before it returns, with Ctrl-C
+    held back until it is done, so a process interrupted or killed at any moment leaves every earlier record intact. A last line cut short by a kill (the item in flight) is
     removed when the journal is opened again (that item is redone). When an item has several records, the last one
     counts (`records`). Any other line that is not a record is an error naming the line.
 
@@ -72,7 +91,7 @@ class Journal:
         """Appends several records in one write (thread-safe); they are on disk when this returns."""
         records = list(records)
         data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
-        with self._lock:
+        with _sigint_deferred(), self._lock:
             if self._fd is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)

@@ -4,6 +4,7 @@ with every default, underscore spellings, the same flags everywhere, and bad inp
 status 2 before anything is loaded or written.
 """
 
+import importlib
 import json
 import os
 import re
@@ -136,10 +137,19 @@ def test_every_flag_also_takes_its_underscore_spelling():
     assert vars(underscored) == vars(dashed)
 
 
-def test_a_usage_error_is_one_line_and_exit_status_2(tmp_path):
-    result = run_python(["-m", "minigpt4_hf.cli.chat", "--model", "m", "--no-such-flag"], cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [
+def run_tool(module: str, argv: list[str], cwd, capsys, monkeypatch) -> tuple[int, str]:
+    """`python -m minigpt4_hf.cli.MODULE ARGV` from `cwd`, in this process: `(exit status, stderr)`."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"minigpt4_hf.cli.{module}").cli()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_a_usage_error_is_one_line_and_exit_status_2(tmp_path, capsys, monkeypatch):
+    status, stderr = run_tool("chat", ["--model", "m", "--no-such-flag"], tmp_path, capsys, monkeypatch)
+    assert status == 2
+    assert stderr.splitlines() == [
         "minigpt4-chat: error: unrecognized arguments: --no-such-flag (see minigpt4-chat --help)"
     ]
 
@@ -165,76 +175,78 @@ def workspace(tmp_path, tiny_saved_dir):
     return tmp_path
 
 
-BAD_INPUT = {
+BAD_INPUT = {  # case -> ([module in minigpt4_hf.cli, *argv], the start of the one line on stderr)
     "missing model folder": (
-        ["minigpt4_hf.cli.chat", "--model", "nowhere/model/", "--prompt", "Hi", "--image", str(EXAMPLE_IMAGE)],
+        ["chat", "--model", "nowhere/model/", "--prompt", "Hi", "--image", str(EXAMPLE_IMAGE)],
         "minigpt4-chat: error: --model nowhere/model/: no such folder.",
     ),
     "missing image": (
-        ["minigpt4_hf.cli.chat", "--model", "{model}", "--image", "photo.jpg", "--prompt", "Hi"],
+        ["chat", "--model", "{model}", "--image", "photo.jpg", "--prompt", "Hi"],
         "minigpt4-chat: error: --image photo.jpg: no such file.",
     ),
     "missing images folder": (
-        ["minigpt4_hf.cli.caption", "--model", "{model}", "--images", "photos", "--output", "out.jsonl"],
+        ["caption", "--model", "{model}", "--images", "photos", "--output", "out.jsonl"],
         "minigpt4-caption: error: --images photos: no such folder or file.",
     ),
     "missing model folder of the demo": (
-        ["minigpt4_hf.cli.demo", "--model", "./model"],
+        ["demo", "--model", "./model"],
         "minigpt4-demo: error: --model ./model: no such folder.",
     ),
     "missing image of the quickstart": (
-        ["minigpt4_hf.cli.quickstart", "--image", "photo.jpg", "--output-dir", "tiny"],
+        ["quickstart", "--image", "photo.jpg", "--output-dir", "tiny"],
         "minigpt4-quickstart: error: --image photo.jpg: no such file.",
     ),
     "missing language model folder": (
-        ["minigpt4_hf.cli.convert", "--blip2", "{model}", "--llm", "vicuna", "--projection-checkpoint",
+        ["convert", "--blip2", "{model}", "--llm", "vicuna", "--projection-checkpoint",
          str(EXAMPLE_IMAGE), "--output-dir", "converted"],
         "minigpt4-convert: error: --llm vicuna: no such folder.",
     ),
     "missing data path": (
-        ["minigpt4_hf.cli.train", "--stage", "2", "--model", "{model}", "--data-path", "my_data",
+        ["train", "--stage", "2", "--model", "{model}", "--data-path", "my_data",
          "--output-dir", "trained"],
         "minigpt4-train: error: --data-path 'my_data' matches no file or folder.",
     ),
     "data path at the image folder of cc_sbu_align": (
-        ["minigpt4_hf.cli.train", "--stage", "2", "--model", "{model}", "--data-path", "cc_sbu_align/image",
+        ["train", "--stage", "2", "--model", "{model}", "--data-path", "cc_sbu_align/image",
          "--output-dir", "trained"],
         "minigpt4-train: error: --data-path cc_sbu_align/image is the image folder of a cc_sbu_align folder: point at "
         "the folder that holds filter_cap.json",
     ),
     "output folder of an earlier run": (
-        ["minigpt4_hf.cli.train", "--stage", "2", "--model", "{model}", "--data-path", "cc_sbu_align",
+        ["train", "--stage", "2", "--model", "{model}", "--data-path", "cc_sbu_align",
          "--output-dir", "earlier_run"],
         "minigpt4-train: error: --output-dir earlier_run holds an earlier run (checkpoint-2): pass --resume to "
         "continue it, --overwrite-output-dir",
     ),
     "Trainer checkpoint where a full model is expected": (
-        ["minigpt4_hf.cli.chat", "--model", "run/checkpoint-3", "--image", str(EXAMPLE_IMAGE)],
+        ["chat", "--model", "run/checkpoint-3", "--image", str(EXAMPLE_IMAGE)],
         "minigpt4-chat: error: --model run/checkpoint-3 is a Trainer checkpoint (step 3: trained weights and optimizer "
         "state only), not a full model. Use the run's --output-dir (the full model is written there when the run "
         "ends; finish a stopped run with minigpt4-train, the same flags and --resume run/checkpoint-3), or see "
         "docs/command-line.md, 'Trainer checkpoints'.",
     ),
     "missing stage-1 model of the stage-2 builder": (
-        ["minigpt4_hf.cli.build_stage2_data", "--steps", "describe", "--images", "cc_sbu_align/image", "--model",
+        ["build_stage2_data", "--steps", "describe", "--images", "cc_sbu_align/image", "--model",
          "stage1", "--work-dir", "work"],
         "minigpt4-build-stage2-data: error: --model stage1: no such folder.",
     ),
     "zero benchmark repeats": (
-        ["minigpt4_hf.cli.benchmark", "--repeats", "0", "--json", "bench.json"],
+        ["benchmark", "--repeats", "0", "--json", "bench.json"],
         "minigpt4-benchmark: error: argument --repeats: must be at least 1, got 0",
     ),
 }
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
-def test_bad_input_is_one_line_exit_status_2_and_nothing_written(case, workspace, tiny_saved_dir):
-    argv, expected = BAD_INPUT[case]
+def test_bad_input_is_one_line_exit_status_2_and_nothing_written(case, workspace, tiny_saved_dir, capsys,
+                                                                 monkeypatch):
+    (module, *argv), expected = BAD_INPUT[case]
     before = snapshot(workspace)
-    result = run_python(["-m", *[arg.replace("{model}", str(tiny_saved_dir)) for arg in argv]], cwd=workspace)
-    assert result.returncode == 2, result.stderr
-    assert len(result.stderr.splitlines()) == 1, result.stderr
-    assert result.stderr.startswith(expected), result.stderr
+    argv = [arg.replace("{model}", str(tiny_saved_dir)) for arg in argv]
+    status, stderr = run_tool(module, argv, workspace, capsys, monkeypatch)
+    assert status == 2, stderr
+    assert len(stderr.splitlines()) == 1, stderr
+    assert stderr.startswith(expected), stderr
     assert snapshot(workspace) == before
 
 

@@ -177,11 +177,13 @@ class StopAfterStep(TrainerCallback):
 
 @pytest.fixture(scope="module")
 def stage2_run(tmp_path_factory, model_dir, cc_sbu_dir):
-    """One stage-2 run on the cc_sbu_align folder: 20 steps at a high learning rate, every step logged."""
+    """One stage-2 run on the cc_sbu_align folder: 20 steps at a high learning rate, every step logged, a checkpoint
+    at the end."""
     output_dir = tmp_path_factory.mktemp("stage2_run")
     rates = RecordLearningRates()
     argv = common_flags(output_dir, model_dir, [cc_sbu_dir], max_steps=20, per_device_train_batch_size=4,
-                        learning_rate=5e-2, min_lr=1e-2, warmup_lr=1e-4, warmup_steps=5)
+                        learning_rate=5e-2, min_lr=1e-2, warmup_lr=1e-4, warmup_steps=5, save_strategy="steps",
+                        save_steps=20)
     result = train.main(argv, extra_callbacks=[rates])
     return {"output_dir": output_dir, "result": result, "rates": rates.rates, "groups": rates.groups}
 
@@ -554,11 +556,9 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(model_dir, cc
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
 
 
-def test_a_projection_checkpoint_on_its_base_model_gives_the_full_model(model_dir, cc_sbu_dir, tmp_path):
+def test_a_projection_checkpoint_on_its_base_model_gives_the_full_model(stage2_run, model_dir, tmp_path):
     """The way docs/command-line.md ('Trainer checkpoints') gives from a checkpoint to a full model."""
-    run = tmp_path / "run"
-    train.main(common_flags(run, model_dir, [cc_sbu_dir], max_steps=3, save_strategy="steps", save_steps=3))
-    checkpoint = run / "checkpoint-3"
+    checkpoint = stage2_run["output_dir"] / "checkpoint-20"
     with pytest.raises(InputError, match="is a Trainer checkpoint"):
         check_model_path(checkpoint)
 
@@ -568,7 +568,7 @@ def test_a_projection_checkpoint_on_its_base_model_gives_the_full_model(model_di
     processor.save_pretrained(tmp_path / "full")
 
     reloaded, _ = load_model_and_processor(str(tmp_path / "full"), device="cpu")
-    final = load_projection(run)  # the run ended at its checkpoint: the same projection
+    final = load_projection(stage2_run["output_dir"])  # the run ended at its checkpoint: the same projection
     assert torch.equal(reloaded.language_projection.weight, final["language_projection.weight"])
     assert torch.equal(reloaded.language_projection.bias, final["language_projection.bias"])
 
