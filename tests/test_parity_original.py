@@ -1,7 +1,7 @@
 """
-Parity with the original MiniGPT-4: the tiny original-format checkpoints of tests/fixtures/original_tiny, converted
-with scripts/convert_original_checkpoint.py and loaded with the Auto classes, reproduce every value the original code
-recorded (tolerances from the fixture's MANIFEST.md: fp32, CPU).
+Parity with the original MiniGPT-4, in one place: the tiny original-format checkpoints of tests/fixtures/original_tiny,
+converted with minigpt4-convert and loaded with the Auto classes, reproduce every value the original code recorded
+(tolerances from the fixture's MANIFEST.md: fp32, CPU).
 
 Not compared, by design: the chat variant with repetition_penalty=1.05. The original generated from inputs_embeds
 only, so its penalty saw a BOS placeholder and no prompt tokens; transformers' generate penalises the prompt tokens.

@@ -15,7 +15,7 @@ from PIL import Image
 
 import minigpt4_hf.cli.caption as caption
 import minigpt4_hf.cli.chat as chat
-from minigpt4_hf.inference import UserError
+from minigpt4_hf.cli.options import UserError
 from minigpt4_hf.random_models import build_random_model
 from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
 
