@@ -378,7 +378,7 @@ def tiny_blip2(converted_tiny_dir, vocab_size: int = 99) -> Blip2ForConditionalG
         num_query_tokens=6,
     )
     blip2 = Blip2ForConditionalGeneration(config)
-    vision_side = {key.removeprefix("model."): value for key, value in saved_tensors(converted_fp32).items()
+    vision_side = {key.removeprefix("model."): value for key, value in saved_tensors(converted_tiny_dir).items()
                    if key.startswith(("model.vision_model.", "model.qformer.", "model.query_tokens"))}
     assert blip2.load_state_dict(vision_side, strict=False).unexpected_keys == []
     return blip2

@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     variant.add_argument("--lora", choices=("merge", "adapter"), default="merge",
                          help="what to do with the checkpoint's LoRA tensors (MiniGPT-v2): merge them into the "
                          "language model's weights (in float32, then cast), or write them as a PEFT adapter into "
-                         "OUTPUT_DIR/adapter (load it with model.load_adapter or PeftModel.from_pretrained) (default: %(default)s)")
+                         "OUTPUT_DIR/adapter (load it with model.load_adapter or PeftModel.from_pretrained) "
+                         "(default: %(default)s)")
     variant.add_argument("--lora-alpha", type=float, default=16.0,
                          help="LoRA alpha: not stored in the checkpoint (the rank is read from the shapes) (default: "
                          "%(default)s, the released MiniGPT-v2's)")
@@ -140,7 +141,9 @@ def check_conversion_inputs(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Converts; bad input raises `UserError` (exit 2, nothing written), a failed upload returns 1 (the folder is kept)."""
+    """
+    Converts; bad input raises `UserError` (exit 2, nothing written), a failed upload returns 1 (the folder is kept).
+    """
     args = parse_args(argv)
     check_conversion_inputs(args)
     from minigpt4_hf.converter import UploadError, convert, push_to_hub
