@@ -24,6 +24,7 @@ setup(
             "minigpt4-demo = minigpt4_hf.cli.demo:cli",
             "minigpt4-build-stage2-data = minigpt4_hf.cli.build_stage2_data:cli",
             "minigpt4-benchmark = minigpt4_hf.cli.benchmark:cli",
+            "minigpt4-evaluate = minigpt4_hf.cli.evaluate:cli",
         ]
     },
     install_requires=[
@@ -47,6 +48,11 @@ setup(
         # --load-in-8bit / --load-in-4bit of scripts/chat.py, caption.py, demo.py (NVIDIA GPU with CUDA).
         "quantization": ["bitsandbytes>=0.45"],
         "benchmark": ["matplotlib>=3.8"],
+        # minigpt4-evaluate (docs/evaluation.md). lmms-eval itself is NOT listed: its requirements would replace
+        # torch and others, so install it first without them, `pip install --no-deps lmms-eval==0.7.3`; these are
+        # the packages it needs for the runs here (none of them changes an installed version).
+        "eval": ["pycocoevalcap>=1.2", "loguru>=0.7", "sacrebleu>=2.4", "evaluate>=0.4", "tenacity>=8.3",
+                 "pyyaml>=6"],
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -57,6 +63,8 @@ setup(
             "playwright>=1.40",
             # tests/test_benchmark.py runs scripts/benchmark.py, which plots tokens/s against batch size.
             "matplotlib>=3.8",
+            # tests/test_evaluate.py (with `pip install --no-deps lmms-eval==0.7.3`, see the "eval" extra).
+            "pycocoevalcap>=1.2", "loguru>=0.7", "sacrebleu>=2.4", "evaluate>=0.4", "tenacity>=8.3", "pyyaml>=6",
         ],
     },
 )
