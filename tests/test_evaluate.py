@@ -479,6 +479,13 @@ def test_a_new_score_replaces_the_old_one_and_keeps_the_others():
     assert reloaded.text.count("## Evaluation") == 1
 
 
+def test_the_docs_list_every_published_figure_with_its_source():
+    lines = (REPO_ROOT / "docs" / "evaluation.md").read_text(encoding="utf-8").splitlines()
+    for figure in evaluation.PUBLISHED_RESULTS:
+        assert any(f"| {figure.split} |" in line and f"| {figure.value} |" in line and figure.source[:40] in line
+                   for line in lines), figure
+
+
 def test_update_card_and_push_to_hub_write_the_folder_card_and_upload_it(tiny_saved_dir, tmp_path, monkeypatch):
     import huggingface_hub
 
