@@ -236,7 +236,7 @@ def parse_column_mapping(items: Iterable[str], tasks: Sequence[BenchmarkTask]) -
         name, equals, column = item.partition("=")
         if not equals or not name or not column:
             raise UserError(f"--column {item!r}: write NAME=COLUMN or TASK.NAME=COLUMN, e.g. --column question=q.")
-        scope, dot, name = name.rpartition(".") if "." in name and name.split(".")[0] in TASKS else ("", "", name)
+        scope, _, name = name.rpartition(".") if "." in name and name.split(".")[0] in TASKS else ("", "", name)
         targets = [task for task in tasks if not scope or task.name == scope]
         if scope and not targets:
             raise UserError(f"--column {item!r}: task {scope} is not among --tasks.")
@@ -590,67 +590,79 @@ class TaskRun:
 
 @dataclass(frozen=True)
 class Item:
-    """One question of a benchmark: a dataset row, or one of its referring expressions when a row lists several."""
+    """
+    One question of a benchmark: a dataset row, or one of its referring expressions when a row lists several. Holds
+    the row's text fields (no image), the instruction and the reference, all read before any model is loaded.
+    """
 
     row: int
     key: str  # the journal / predictions id: the row's id, plus ":N" for its N-th expression
-    part: int | None = None
+    fields: dict
+    instruction: str
+    reference: dict
 
 
-def row_items(row: dict, index: int, task: BenchmarkTask) -> list[tuple[Item, dict]]:
+def row_items(row: dict, index: int, run: TaskRun) -> list[Item]:
     """
-    The items of one canonical row and each item's fields. A REC row whose `expression` is a list (one object, several
+    The items of one canonical row (text fields only). A REC row whose `expression` is a list (one object, several
     referring expressions, as lmms-eval's RefCOCO layout) gives one item per expression.
     """
     key = str(row["id"]) if "id" in row else str(index)
     expressions = row.get("expression")
-    if task.needs_grounding and isinstance(expressions, (list, tuple)):
-        return [(Item(index, f"{key}:{part}", part), {**row, "expression": expression})
-                for part, expression in enumerate(expressions)]
-    return [(Item(index, key), row)]
+    if run.task.needs_grounding and isinstance(expressions, (list, tuple)):
+        parts = [(f"{key}:{part}", {**row, "expression": text}) for part, text in enumerate(expressions)]
+    else:
+        parts = [(key, row)]
+    items = []
+    for item_key, fields in parts:
+        try:
+            reference = reference_of(run.task, fields, run.box_format)
+        except (ValueError, TypeError, KeyError, IndexError) as error:
+            raise UserError(
+                f"task {run.task.name}, row {index}: cannot read the reference ({type(error).__name__}: {error}); "
+                "check what --column maps and the accepted layouts in docs/evaluation.md."
+            ) from None
+        items.append(Item(index, item_key, fields, instruction_for(run.task, fields, run.variant), reference))
+    return items
 
 
-def pending_items(dataset, run: TaskRun, journal_records: dict[str, dict]) -> tuple[list[Item], list[Item]]:
-    """Every item (up to `run.limit` rows), in dataset order, and those still to do (no journal record with the same
-    instruction)."""
+def plan_items(dataset, run: TaskRun) -> list[Item]:
+    """
+    Every item of `dataset` (up to `run.limit` rows) in order, read from the text columns only: a reference that
+    cannot be read or a repeated id is a `UserError` here, before the model is loaded.
+    """
     count = len(dataset) if run.limit is None else min(run.limit, len(dataset))
     columns = [run.mapping.get(name, name) for name in row_names(run.task, run.mapping, with_image=False)]
-    items, todo = [], []
+    items = []
     for index, raw in enumerate(dataset.select_columns(columns).select(range(count))):
-        for item, fields in row_items(canonical_row(raw, run.task, run.mapping, with_image=False), index, run.task):
-            items.append(item)
-            done = journal_records.get(item.key)
-            if done is None or done.get("instruction") != instruction_for(run.task, fields, run.variant):
-                todo.append(item)
+        items.extend(row_items(canonical_row(raw, run.task, run.mapping, with_image=False), index, run))
     if len({item.key for item in items}) != len(items):
         raise UserError(f"task {run.task.name}: the id column {run.mapping.get('id')!r} has repeated values.")
-    return items, todo
+    return items
 
 
 def predict_items(model, processor, dataset, items: list[Item], run: TaskRun) -> list[dict]:
     """Prediction records of some items (one batch): the instruction, the answer (or ranked choice), the reference."""
+    image_column = run.mapping.get("image", "image")
     records, images, prompts, readable = [], [], [], []
-    rows = {index: canonical_row(dataset[index], run.task, run.mapping) for index in {item.row for item in items}}
     for item in items:
-        fields = {entry.key: data for entry, data in row_items(rows[item.row], item.row, run.task)}[item.key]
-        record = {"id": item.key, "row": item.row, "instruction": instruction_for(run.task, fields, run.variant),
-                  "reference": reference_of(run.task, fields, run.box_format)}
+        record = {"id": item.key, "row": item.row, "instruction": item.instruction, "reference": item.reference}
         try:
-            image = open_row_image(fields["image"], run.image_root)
+            image = open_row_image(dataset[item.row][image_column], run.image_root)
         except ValueError as error:
             record["error"] = str(error)
         else:
             record["image_size"] = list(image.size)
             images.append(image)
-            prompts.append(generation_prompt(processor, user_turn(run.task, fields, run.variant)))
-            readable.append((record, fields))
+            prompts.append(generation_prompt(processor, user_turn(run.task, item.fields, run.variant)))
+            readable.append((record, item))
         records.append(record)
     if not readable:
         return records
     if run.task.ranks_choices:
         end_text = answer_end_text(processor)
-        for (record, fields), image, prompt in zip(readable, images, prompts):
-            choices = choice_list(fields["choices"])
+        for (record, item), image, prompt in zip(readable, images, prompts):
+            choices = choice_list(item.fields["choices"])
             chosen, losses = rank_choices(model, processor, image, prompt, choices, end_text)
             record.update(prediction=choices[chosen], choice=chosen, losses=losses)
     else:
@@ -662,13 +674,13 @@ def predict_items(model, processor, dataset, items: list[Item], run: TaskRun) ->
     return records
 
 
-def run_task(model, processor, dataset, run: TaskRun, journal) -> list[dict]:
+def run_task(model, processor, dataset, run: TaskRun, items: list[Item], journal) -> list[dict]:
     """
-    Predicts every item of `dataset` (up to `run.limit` rows) that `journal` does not hold yet, a batch at a time
-    (each batch appended to the journal whole and synced, so a killed run loses no finished batch), with a progress
-    bar. Returns the records of all items, in dataset order.
+    Predicts every item (from `plan_items`) that `journal` does not hold yet with the same instruction, a batch at a
+    time (each batch appended to the journal whole and synced, so a killed run loses no finished batch), with a
+    progress bar. Returns the records of all items, in dataset order.
     """
-    items, todo = pending_items(dataset, run, journal.records)
+    todo = [item for item in items if journal.records.get(item.key, {}).get("instruction") != item.instruction]
     with tqdm(total=len(items), initial=len(items) - len(todo), unit="item", desc=run.key) as progress:
         for start in range(0, len(todo), run.batch_size):
             batch = todo[start : start + run.batch_size]

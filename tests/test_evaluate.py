@@ -130,6 +130,14 @@ def test_a_box_task_on_a_model_that_cannot_ground_is_refused_before_loading_data
     assert "refcoco" in message and "'vicuna0'" in message and "no-such-data" not in message
 
 
+def test_an_unreadable_reference_is_refused_before_the_model_loads(tiny_saved_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_model_and_processor", lambda args: pytest.fail("the model was loaded"))
+    data = saved_dataset(tmp_path / "data")  # its "answer" column is an index; read as the choice's text it fails
+    message = bad_input(capsys, "--model", tiny_saved_dir, "--suite", "minigpt-v2", "--tasks",
+                        "iconvqa", "--data", data, "--column", "answer=text", "--output-dir", tmp_path / "out")
+    assert "row 0" in message and "a meme text" in message
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The MiniGPT-v2 protocol end to end.
 

@@ -167,7 +167,10 @@ def model_label(model: str) -> str:
 
 
 def prepare_minigpt_v2(args, variant: str) -> list:
-    """Checks tasks, data and columns (before the model is loaded); returns `(TaskRun, dataset, dataset_type)`s."""
+    """
+    Checks tasks, data, columns and references (before the model is loaded); returns
+    `(TaskRun, dataset, items, dataset_type)` per task.
+    """
     from minigpt4_hf import evaluation
 
     tasks = evaluation.parse_task_names(args.tasks)
@@ -193,8 +196,9 @@ def prepare_minigpt_v2(args, variant: str) -> list:
             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or evaluation.DEFAULT_MAX_NEW_TOKENS,
             limit=args.limit,
         )
+        items = evaluation.plan_items(dataset, run)
         check_same_settings(settings_path(args.output_dir, run), run_settings(run))
-        prepared.append((run, dataset, evaluation.dataset_type_for(source, task.dataset_type)))
+        prepared.append((run, dataset, items, evaluation.dataset_type_for(source, task.dataset_type)))
     return prepared
 
 
@@ -217,11 +221,11 @@ def run_minigpt_v2(args, prepared: list, model, processor) -> dict[str, dict]:
     from minigpt4_hf.journal import Journal
 
     entries = {}
-    for run, dataset, dataset_type in prepared:
+    for run, dataset, items, dataset_type in prepared:
         settings = run_settings(run)
         write_text_atomically(settings_path(args.output_dir, run), json.dumps(settings) + "\n")
         with Journal(journal_path(args.output_dir, run), key="id", what="prediction record") as journal:
-            records = evaluation.run_task(model, processor, dataset, run, journal)
+            records = evaluation.run_task(model, processor, dataset, run, items, journal)
         scores = evaluation.score_task(run.task, records, processor, args.caption_tokenizer)
         evaluation.write_task_outputs(args.output_dir, run, records, scores)
         entries[f"minigpt-v2/{run.task.name}/{run.split}"] = evaluation.summary_entry(
