@@ -1,7 +1,8 @@
 """
 Reading the original MiniGPT-4 checkpoint files and mapping them onto `MiniGPT4ForConditionalGeneration`.
 
-The original model is put together from four sources (facts sheet §2.4):
+The original model is put together from four sources (the load order of `MiniGPT4.from_config`,
+minigpt4/models/mini_gpt4.py@22d8888):
 
 - `eva_vit_g.pth` (LAVIS): the EVA ViT-g with bare keys (`cls_token`, `blocks.{i}.attn.q_bias`, ...);
 - `blip2_pretrained_flant5xxl.pth` (LAVIS): `{"model": {...}}` with `ln_vision.*`, `query_tokens`, `Qformer.bert.*`;
@@ -31,10 +32,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from configuration_minigpt4 import MiniGPT4Config
+from minigpt4_hf.inputs import InputError
 from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
 
 
-class ConversionError(Exception):
+class ConversionError(InputError):
     """Bad input: the message names the file (and key) at fault and says what to do."""
 
 
@@ -466,10 +468,8 @@ class ConversionPlan:
                     break
             else:
                 lines.append(f"no input provides {target!r}")
-        more = f"\n  ... and {len(targets) - limit} more" if len(targets) > limit else ""
-        return (
-            "Missing weights; the files are incomplete or of another model:\n  " + "\n  ".join(lines) + more
-        )
+        more = f"; ... and {len(targets) - limit} more" if len(targets) > limit else ""
+        return "Missing weights (the files are incomplete or of another model): " + "; ".join(lines) + more
 
     def drop_vision_layers_from(self, depth: int) -> None:
         """Drops ViT blocks `>= depth` (the real eva_vit_g.pth holds 40 blocks; MiniGPT-4 uses 39)."""
@@ -639,7 +639,7 @@ def derive_config(
     if depth > len(available_layers):
         raise ConversionError(
             plan.missing_message([f"vision_model.encoder.layers.{len(available_layers)}.mlp.fc1.weight"])
-            + f"\n  (the configuration asks for {depth} ViT blocks; the file holds {len(available_layers)})"
+            + f" (the configuration asks for {depth} ViT blocks; the file holds {len(available_layers)})"
         )
     vision["num_hidden_layers"] = depth
     plan.drop_vision_layers_from(depth)
@@ -748,7 +748,7 @@ def check_against_model(plan: ConversionPlan, config: MiniGPT4Config) -> list[st
         ]
         raise ConversionError(
             "Shape mismatch (files of different model sizes, or a head count / size in --config-overrides that "
-            "does not fit):\n  " + "\n  ".join(lines)
+            "does not fit): " + "; ".join(lines)
         )
     for name in [name for name in plan.tensors if name not in expected]:
         target = plan.tensors.pop(name)

@@ -1,7 +1,7 @@
 """
-Parity with the original MiniGPT-4: the tiny original-format checkpoints of tests/fixtures/original_tiny, converted
-with scripts/convert_original_checkpoint.py and loaded with the Auto classes, reproduce every value the original code
-recorded (tolerances from the fixture's MANIFEST.md: fp32, CPU).
+Parity with the original MiniGPT-4, in one place: the tiny original-format checkpoints of tests/fixtures/original_tiny,
+converted with minigpt4-convert and loaded with the Auto classes, reproduce every value the original code recorded
+(tolerances from the fixture's MANIFEST.md: fp32, CPU).
 
 Not compared, by design: the chat variant with repetition_penalty=1.05. The original generated from inputs_embeds
 only, so its penalty saw a BOS placeholder and no prompt tokens; transformers' generate penalises the prompt tokens.
@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ORIGINAL_TINY, REPO_ROOT
-from minigpt4_hf.cli.convert import main as convert_main
+from conftest import ORIGINAL_TINY
 from PIL import Image
 from minigpt4_hf.training import clean_caption  # the shared blip_caption text processor (stage-1 captions)
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
-WEIGHTS = ORIGINAL_TINY / "weights"
 EXPECTED = ORIGINAL_TINY / "expected"
 IMAGE_NAMES = ["astronaut", "coffee", "chelsea"]  # the order of the recorded batch
 TOLERANCE_FEATURES = {"rtol": 1e-4, "atol": 1e-5}
@@ -41,29 +39,13 @@ STAGES = {  # fixture name -> (expected .pt file, expected.json section)
 
 
 @pytest.fixture(scope="module")
-def converted_dir(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("parity") / "minigpt4-original-tiny"
-    exit_code = convert_main([
-        "--vit-checkpoint", str(WEIGHTS / "eva_vit_g.pth"),
-        "--qformer-checkpoint", str(WEIGHTS / "blip2_pretrained_flant5xxl.pth"),
-        "--llm", str(WEIGHTS / "vicuna_tiny"),
-        "--projection-checkpoint", str(WEIGHTS / "pretrained_minigpt4.pth"),
-        "--config-overrides", str(REPO_ROOT / "tests" / "fixtures" / "original_tiny_overrides.json"),
-        "--dtype", "float32",
-        "--output-dir", str(output_dir),
-    ])
-    assert exit_code == 0
-    return output_dir
+def model(converted_original_tiny):
+    return AutoModelForImageTextToText.from_pretrained(converted_original_tiny, trust_remote_code=True).eval()
 
 
 @pytest.fixture(scope="module")
-def model(converted_dir):
-    return AutoModelForImageTextToText.from_pretrained(converted_dir, trust_remote_code=True).eval()
-
-
-@pytest.fixture(scope="module")
-def processor(converted_dir):
-    return AutoProcessor.from_pretrained(converted_dir, trust_remote_code=True)
+def processor(converted_original_tiny):
+    return AutoProcessor.from_pretrained(converted_original_tiny, trust_remote_code=True)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 """
 Chat with MiniGPT-4 about an image in the terminal: the original demo without the browser.
 
-    python scripts/chat.py --model PATH_OR_ID --image photo.jpg                      # interactive, streamed
-    python scripts/chat.py --model PATH_OR_ID --image photo.jpg --prompt "What is it?" # one answer on stdout
+    minigpt4-chat --model PATH_OR_ID --image photo.jpg                       # interactive, streamed
+    minigpt4-chat --model PATH_OR_ID --image photo.jpg --prompt "What is it?"  # one answer on stdout
 
 Interactive mode reads questions from stdin, one a line (so it can be piped), and writes the answers to stdout as they
 are generated, one a line; notices and prompts go to stderr. Commands: /image FILE, /reset, /quit.
@@ -12,18 +12,22 @@ are generated, one a line; notices and prompts go to stderr. Commands: /image FI
 import argparse
 import sys
 
-from minigpt4_hf.inference import (
-    ORIGINAL_CONTEXT_BUDGET,
-    Conversation,
+from minigpt4_hf.cli.options import (
+    CommandLineParser,
     UserError,
     add_generation_arguments,
     add_model_arguments,
     generation_kwargs_from_args,
-    load_model_and_processor,
+    model_loading_kwargs,
+    positive_int,
     run_main,
     seed_if_asked,
 )
-from processing_minigpt4 import load_rgb_image
+from minigpt4_hf.generation import ORIGINAL_CONTEXT_BUDGET
+from minigpt4_hf.inputs import check_image_file, check_model_path
+
+
+PROG = "minigpt4-chat"
 
 
 COMMANDS_HELP = (
@@ -33,36 +37,43 @@ COMMANDS_HELP = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="chat.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandLineParser(PROG, description=__doc__)
     add_model_arguments(parser)
-    parser.add_argument("--image", help="The image to talk about (interactive mode can load one with /image FILE).")
+    parser.add_argument("--image", help="The image to talk about (default: none; interactive mode can load one with "
+                        "/image FILE).")
     parser.add_argument(
-        "--prompt", help="Answer this one question about --image, print the answer alone on stdout and exit."
+        "--prompt", help="Answer this one question about --image, print the answer alone on stdout and exit "
+        "(default: none: interactive).",
     )
     parser.add_argument(
-        "--max-context-tokens",
-        type=int,
-        default=ORIGINAL_CONTEXT_BUDGET,
-        help="Token budget of prompt + answer; older turns are dropped beyond it (default: the original's 2000).",
+        "--max-context-tokens", type=positive_int, default=ORIGINAL_CONTEXT_BUDGET,
+        help="Token budget of prompt + answer; older turns are dropped beyond it (default: %(default)s, the "
+        "original's).",
     )
-    add_generation_arguments(parser, sample_by_default=True)
-    return parser.parse_args(argv)
+    add_generation_arguments(parser, sample=True)
+    args = parser.parse_args(argv)
+    if args.prompt is not None and args.image is None:
+        parser.error("--prompt answers a question about an image: add --image FILE.")
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("--prompt is empty.")
+    return args
 
 
 def read_image(path: str):
+    """The `--image` file, decoded (a file that is not an image is a `UserError`)."""
+    from processing_minigpt4 import load_rgb_image
+
     try:
         return load_rgb_image(path)
     except ValueError as error:
-        raise UserError(str(error)) from None
+        raise UserError(f"--image {path}: {error}") from None
 
 
 def notice(message: str, end: str = "\n") -> None:
     print(message, file=sys.stderr, end=end, flush=True)
 
 
-def answer_once(conversation: Conversation, image, question: str) -> int:
+def answer_once(conversation, image, question: str) -> int:
     """`--prompt` mode: the answer alone on stdout."""
     conversation.upload_image(image)
     try:
@@ -74,7 +85,7 @@ def answer_once(conversation: Conversation, image, question: str) -> int:
     return 0
 
 
-def stream_to_stdout(conversation: Conversation) -> None:
+def stream_to_stdout(conversation) -> None:
     """Prints one answer as it is generated; Ctrl-C stops it (the partial answer stays in the history)."""
     stream = conversation.stream_answer()
     try:
@@ -89,7 +100,7 @@ def stream_to_stdout(conversation: Conversation) -> None:
         sys.stdout.flush()
 
 
-def run_command(conversation: Conversation, line: str) -> bool:
+def run_command(conversation, line: str) -> bool:
     """Carries out one `/command`; returns False for /quit."""
     command, _, argument = line.partition(" ")
     argument = argument.strip().strip("'\"")
@@ -115,7 +126,7 @@ def run_command(conversation: Conversation, line: str) -> bool:
     return True
 
 
-def chat_interactively(conversation: Conversation, image, lines) -> int:
+def chat_interactively(conversation, image, lines) -> int:
     """The chat loop over `lines` (stdin): questions are answered, `/commands` carried out, EOF or /quit ends it."""
     interactive = hasattr(lines, "isatty") and lines.isatty()
     notice(COMMANDS_HELP)
@@ -156,23 +167,24 @@ def chat_interactively(conversation: Conversation, image, lines) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.prompt is not None and args.image is None:
-        raise UserError("--prompt answers a question about an image: add --image FILE.")
-    if args.prompt is not None and not args.prompt.strip():
-        raise UserError("--prompt is empty.")
+    check_model_path(args.model)
+    if args.image is not None:
+        check_image_file(args.image)
     image = read_image(args.image) if args.image is not None else None  # fail fast, before loading the model
-    model, processor = load_model_and_processor(args)
-    seed_if_asked(args)
+
+    from minigpt4_hf.inference import Conversation, load_model_and_processor
+
+    model, processor = load_model_and_processor(args.model, **model_loading_kwargs(args))
+    seed_if_asked(args.seed)
     conversation = Conversation(model, processor, generation_kwargs_from_args(args), args.max_context_tokens)
     if args.prompt is not None:
         return answer_once(conversation, image, args.prompt)
     return chat_interactively(conversation, image, sys.stdin)
 
 
-
 def cli() -> None:
     """Console entry point `minigpt4-chat`."""
-    run_main(main, "chat.py")
+    run_main(main, PROG)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 """
 Converts the original MiniGPT-4 checkpoints into one Hub-ready folder that loads with the Auto classes.
 
-    python scripts/convert_original_checkpoint.py \\
+    minigpt4-convert \\
         --vit-checkpoint eva_vit_g.pth \\
         --qformer-checkpoint blip2_pretrained_flant5xxl.pth \\
         --llm vicuna-13b-v0/ \\
@@ -16,78 +16,57 @@ into a temporary folder next to `--output-dir` and renamed at the end, so a fail
 """
 
 import argparse
-import math
-import os
-import shutil
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from huggingface_hub import HfApi, split_torch_state_dict_into_shards
-from minigpt4_hf.model_card import build_model_card, default_base_models, original_generation_config, record_inputs
-from minigpt4_hf.conversion import (
-    BLIP2_KEPT_PREFIXES,
-    KINDS,
-    ConversionError,
-    check_against_model,
-    derive_config,
-    download_blip2_parts,
-    plan_conversion,
-    read_config_overrides,
-    read_torch_checkpoint,
-    read_transformers_weights,
-    save_sharded_safetensors,
-    summarize_ignored,
-    text_config_dict,
-)
-from transformers import AutoConfig, AutoTokenizer
-
-import configuration_minigpt4
-import modeling_minigpt4
-import processing_minigpt4
-from processing_minigpt4 import MiniGPT4Processor, sentencepiece_faithful_tokenizer, stop_token_ids_for
+from minigpt4_hf.cli.options import EXIT_FAILED, CommandLineParser, UserError, run_main
+from minigpt4_hf.inputs import DTYPE_CHOICES, check_file, check_folder, looks_like_hub_id
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CODE_MODULES = (configuration_minigpt4, modeling_minigpt4, processing_minigpt4)
+PROG = "minigpt4-convert"
+
+
+class UploadError(RuntimeError):
+    """The finished folder could not be uploaded to the Hub (the folder itself is complete)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Convert the original MiniGPT-4 checkpoints into one transformers / Hub folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = CommandLineParser(PROG, description=__doc__)
     sources = parser.add_argument_group("inputs")
-    sources.add_argument("--vit-checkpoint", help="eva_vit_g.pth (LAVIS EVA ViT-g, bare keys)")
+    sources.add_argument("--vit-checkpoint", help="eva_vit_g.pth (LAVIS EVA ViT-g, bare keys) (default: none)")
     sources.add_argument(
-        "--qformer-checkpoint", help="blip2_pretrained_flant5xxl.pth ({'model': {Qformer.bert.*, query_tokens, ...}})"
+        "--qformer-checkpoint",
+        help="blip2_pretrained_flant5xxl.pth ({'model': {Qformer.bert.*, query_tokens, ...}}) (default: none)",
     )
     sources.add_argument(
         "--blip2", metavar="PATH_OR_ID",
         help="a transformers BLIP-2 checkpoint (folder or Hub id, e.g. Salesforce/blip2-flan-t5-xxl) giving the ViT, "
-        "ln_vision, Q-Former and query tokens instead of --vit-checkpoint and --qformer-checkpoint",
+        "ln_vision, Q-Former and query tokens instead of --vit-checkpoint and --qformer-checkpoint (default: none)",
     )
-    sources.add_argument("--llm", required=True, metavar="DIR", help="Vicuna v0 / LLaMA folder (transformers format) "
-                         "with its tokenizer")
+    sources.add_argument("--llm", required=True, metavar="DIR",
+                         help="Vicuna v0 / LLaMA folder (transformers format) with its tokenizer")
     sources.add_argument("--projection-checkpoint", required=True,
                          help="pretrained_minigpt4.pth / prerained_minigpt4_7b.pth ({'model': {llama_proj.*}})")
     sources.add_argument("--allow-unsafe-pickle", action="store_true",
-                         help="load .pth files that pickle more than tensors (only for files you trust)")
+                         help="load .pth files that pickle more than tensors, only for files you trust (default: off)")
     output = parser.add_argument_group("output")
-    output.add_argument("--output-dir", required=True, metavar="DIR")
-    output.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    output.add_argument("--output-dir", required=True, metavar="DIR", help="the folder to write (refused if it exists)")
+    output.add_argument("--overwrite-output-dir", "--overwrite", action="store_true",
+                        help="replace an existing --output-dir, once the new one is complete (default: off)")
     output.add_argument("--config-overrides", metavar="JSON_FILE",
                         help="MiniGPT4Config fields (sub-configs as nested objects) for what shapes cannot tell, "
-                        'e.g. {"vision_config": {"num_attention_heads": 16}}')
-    output.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="dtype of the saved weights")
-    output.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+                        'e.g. {"vision_config": {"num_attention_heads": 16}} (default: none)')
+    output.add_argument("--dtype", choices=DTYPE_CHOICES, default="float16",
+                        help="dtype of the saved weights; auto = float16, the dtype the original ran its ViT and "
+                        "language model in (default: %(default)s)")
+    output.add_argument("--max-shard-size", default="5GB",
+                        help="largest safetensors shard, e.g. 5GB or 500MB (default: %(default)s)")
     output.add_argument("--base-model", action="append", metavar="HUB_ID",
-                        help="base_model entry of the model card (repeat for several); default: guessed from shapes")
+                        help="base_model entry of the model card, repeat for several (default: guessed from shapes)")
     hub = parser.add_argument_group("Hub")
-    hub.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the finished folder to this Hub repository")
-    hub.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    hub.add_argument("--push-to-hub", metavar="REPO_ID",
+                     help="upload the finished folder to this Hub repository (default: none)")
+    hub.add_argument("--private", action="store_true", help="create the Hub repository as private (default: off)")
     args = parser.parse_args(argv)
 
     if args.blip2 and (args.vit_checkpoint or args.qformer_checkpoint):
@@ -96,47 +75,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("pass --vit-checkpoint and --qformer-checkpoint (or --blip2).")
     if args.private and not args.push_to_hub:
         parser.error("--private only applies with --push-to-hub.")
-    try:
-        split_torch_state_dict_into_shards({}, max_shard_size=args.max_shard_size)
-    except ValueError as error:
-        parser.error(f"--max-shard-size {args.max_shard_size!r}: {error}")
     return args
 
 
-@contextmanager
-def staged_output(output_dir: Path, overwrite: bool):
-    """Yields a temporary folder beside `output_dir`, renamed to it on success and deleted on any failure."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+def check_inputs(args: argparse.Namespace) -> None:
+    """The input files and folders exist and the output folder may be written (before anything heavy is imported)."""
+    for flag, path in (("--vit-checkpoint", args.vit_checkpoint), ("--qformer-checkpoint", args.qformer_checkpoint),
+                       ("--projection-checkpoint", args.projection_checkpoint),
+                       ("--config-overrides", args.config_overrides)):
+        if path is not None:
+            check_file(path, flag)
+    check_folder(args.llm, "--llm")
+    if args.blip2 and not (Path(args.blip2).exists() or looks_like_hub_id(args.blip2)):
+        check_folder(args.blip2, "--blip2")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} is a file, not a folder.")
+    if output_dir.exists() and not args.overwrite_output_dir:
+        raise UserError(f"--output-dir {output_dir} exists; pass --overwrite-output-dir to replace it.")
+    from huggingface_hub import split_torch_state_dict_into_shards  # parses sizes; imports no torch
+
     try:
-        yield staging
-        _set_default_permissions(staging)
-        if output_dir.exists():
-            if not overwrite:  # appeared while converting
-                raise ConversionError(f"--output-dir {output_dir} exists; pass --overwrite to replace it.")
-            previous = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            output_dir.rename(previous / output_dir.name)
-            staging.rename(output_dir)
-            shutil.rmtree(previous)
-        else:
-            staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _set_default_permissions(folder: Path) -> None:
-    """Gives the folder and its files the modes of a plain `mkdir` / `open` (temporary files start private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
+        split_torch_state_dict_into_shards({}, max_shard_size=args.max_shard_size)
+    except ValueError as error:
+        raise UserError(f"--max-shard-size {args.max_shard_size!r}: {error}") from None
 
 
 def read_vision_inputs(args: argparse.Namespace):
     """`(inputs, base config, [(flag, files read)])` of the ViT + Q-Former part: two LAVIS files or one BLIP-2."""
+    from transformers import AutoConfig
+
+    from minigpt4_hf.conversion import (
+        BLIP2_KEPT_PREFIXES,
+        KINDS,
+        ConversionError,
+        download_blip2_parts,
+        read_torch_checkpoint,
+        read_transformers_weights,
+    )
+
     if args.blip2:
         local = Path(args.blip2)
         folder = local if local.exists() else download_blip2_parts(args.blip2)
@@ -159,6 +136,10 @@ def read_vision_inputs(args: argparse.Namespace):
 
 def read_language_model(llm_dir: Path):
     """`(weights, config dict, tokenizer)` of the `--llm` folder."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from minigpt4_hf.conversion import KINDS, ConversionError, read_transformers_weights, text_config_dict
+
     weights = read_transformers_weights(llm_dir, KINDS["llm"])
     try:
         text_config = text_config_dict(AutoConfig.from_pretrained(llm_dir))
@@ -176,6 +157,8 @@ def read_language_model(llm_dir: Path):
 
 def check_vocabulary(tokenizer, plan, llm_dir: Path) -> int:
     """Returns the embedding rows; raises when the tokenizer does not fit them (the Vicuna v0 / v1.1 trap)."""
+    from minigpt4_hf.conversion import ConversionError
+
     embedding_keys = [key for key in plan.tensors if key.startswith("language_model.") and "embed_tokens" in key]
     if not embedding_keys:
         raise ConversionError(plan.missing_message(["language_model.model.embed_tokens.weight"]))
@@ -193,13 +176,31 @@ def check_vocabulary(tokenizer, plan, llm_dir: Path) -> int:
 
 def convert(args: argparse.Namespace) -> Path:
     """Runs the conversion; returns the finished output folder."""
+    import math
+    import shutil
+
+    import torch
+
+    import configuration_minigpt4
+    import modeling_minigpt4
+    import processing_minigpt4
+    from minigpt4_hf.conversion import (
+        KINDS,
+        check_against_model,
+        derive_config,
+        plan_conversion,
+        read_config_overrides,
+        read_torch_checkpoint,
+        save_sharded_safetensors,
+        summarize_ignored,
+    )
+    from minigpt4_hf.files import atomic_path
+    from minigpt4_hf.model_card import build_model_card, default_base_models, original_generation_config, record_inputs
+    from processing_minigpt4 import MiniGPT4Processor, sentencepiece_faithful_tokenizer, stop_token_ids_for
+
     output_dir = Path(args.output_dir).absolute()
-    if output_dir.exists() and not args.overwrite:
-        raise ConversionError(f"--output-dir {output_dir} exists; pass --overwrite to replace it.")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConversionError(f"--output-dir {output_dir} is a file, not a folder.")
     overrides = read_config_overrides(args.config_overrides)
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, "float16" if args.dtype == "auto" else args.dtype)
     llm_dir = Path(args.llm)
 
     print("Reading the input files ...")
@@ -242,13 +243,14 @@ def convert(args: argparse.Namespace) -> Path:
             return torch.float32  # loaded back in float32 anyway (`_keep_in_fp32_modules`); keep the precision
         return dtype
 
-    print(f"Writing {len(names)} tensors ({sum(parameter_counts.values()) / 1e6:,.1f} M parameters, {args.dtype}) ...")
-    with staged_output(output_dir, args.overwrite) as staging:
+    print(f"Writing {len(names)} tensors ({sum(parameter_counts.values()) / 1e6:,.1f} M parameters, "
+          f"{str(dtype).removeprefix('torch.')}) ...")
+    with atomic_path(output_dir, directory=True) as staging:
         save_sharded_safetensors(plan, names, staging, dtype_of, args.max_shard_size)
         config.save_pretrained(staging)
         original_generation_config(processor.tokenizer).save_pretrained(staging)
         processor.save_pretrained(staging)
-        for module in CODE_MODULES:
+        for module in (configuration_minigpt4, modeling_minigpt4, processing_minigpt4):
             shutil.copy(module.__file__, staging / Path(module.__file__).name)
         card.save(staging / "README.md")
     print(f"Saved to {output_dir}")
@@ -257,6 +259,8 @@ def convert(args: argparse.Namespace) -> Path:
 
 def push_to_hub(folder: Path, repo_id: str, private: bool) -> None:
     """Creates the Hub repository (if needed) and uploads the finished folder."""
+    from huggingface_hub import HfApi
+
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -267,7 +271,7 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> None:
             commit_message="MiniGPT-4 converted from the original checkpoints",
         )
     except Exception as error:  # noqa: BLE001 (network, authentication, permissions)
-        raise ConversionError(
+        raise UploadError(
             f"--push-to-hub {repo_id}: the upload failed ({type(error).__name__}: {error}). The converted folder "
             f"{folder} is complete; retry with `hf upload {repo_id} {folder}`."
         ) from None
@@ -275,21 +279,22 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Converts; bad input raises `UserError` (exit 2), a failed upload returns 1 (the folder is kept)."""
     args = parse_args(argv)
-    try:
-        output_dir = convert(args)
-        if args.push_to_hub:
+    check_inputs(args)
+    output_dir = convert(args)
+    if args.push_to_hub:
+        try:
             push_to_hub(output_dir, args.push_to_hub, args.private)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        except UploadError as error:
+            print(f"{PROG}: {error}", file=sys.stderr)
+            return EXIT_FAILED
     return 0
-
 
 
 def cli() -> None:
     """Console entry point `minigpt4-convert`."""
-    sys.exit(main())
+    run_main(main, PROG)
 
 
 if __name__ == "__main__":

@@ -3,47 +3,57 @@
 The MiniGPT-4 web demo (Gradio), as the original `demo.py`: upload an image, chat about it with streamed answers,
 beam-search and temperature sliders, restart.
 
-    pip install '.[demo]'
-    python scripts/demo.py --model PATH_OR_ID                       # http://127.0.0.1:7860
-    python scripts/demo.py --model PATH_OR_ID --host 0.0.0.0 --port 8080 --load-in-8bit
+    pip install 'minigpt4-hf[demo]'
+    minigpt4-demo --model PATH_OR_ID                       # http://127.0.0.1:7860
+    minigpt4-demo --model PATH_OR_ID --host 0.0.0.0 --port 8080 --load-in-8bit
 """
 
 import argparse
 import os
 
-from minigpt4_hf.inference import (
-    CHAT_GENERATION_DEFAULTS,
-    ORIGINAL_CONTEXT_BUDGET,
-    Conversation,
+from minigpt4_hf.cli.options import (
+    CommandLineParser,
     UserError,
     add_generation_arguments,
     add_model_arguments,
     generation_kwargs_from_args,
-    load_model_and_processor,
+    model_loading_kwargs,
+    positive_int,
     run_main,
     seed_if_asked,
 )
+from minigpt4_hf.generation import CHAT_GENERATION_DEFAULTS, ORIGINAL_CONTEXT_BUDGET
+from minigpt4_hf.inputs import check_model_path
+
+
+PROG = "minigpt4-demo"
 
 
 TITLE = "# MiniGPT-4\nUpload an image, press **Upload & Start Chat**, then ask about it."
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandLineParser(PROG, description=__doc__)
     add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0: every interface).")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="Also open a public gradio.live link (as the original).")
-    parser.add_argument("--max-context-tokens", type=int, default=ORIGINAL_CONTEXT_BUDGET)
-    add_generation_arguments(parser, sample_by_default=True)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="Address to serve on; 0.0.0.0 = every interface (default: %(default)s).")
+    parser.add_argument("--port", type=positive_int, default=7860, help="Port to serve on (default: %(default)s).")
+    parser.add_argument("--share", action="store_true",
+                        help="Also open a public gradio.live link, as the original did (default: off).")
+    parser.add_argument(
+        "--max-context-tokens", type=positive_int, default=ORIGINAL_CONTEXT_BUDGET,
+        help="Token budget of prompt + answer; older turns are dropped beyond it (default: %(default)s, the "
+        "original's).",
+    )
+    add_generation_arguments(parser, sample=True)
     return parser.parse_args(argv)
 
 
 def build_demo(model, processor, generation_kwargs: dict | None = None, context_budget: int = ORIGINAL_CONTEXT_BUDGET):
     """The Gradio app around a loaded model: one `Conversation` per browser session (in `gr.State`)."""
     import gradio as gr
+
+    from minigpt4_hf.inference import Conversation
 
     generation_kwargs = dict(CHAT_GENERATION_DEFAULTS if generation_kwargs is None else generation_kwargs)
 
@@ -133,22 +143,24 @@ def build_demo(model, processor, generation_kwargs: dict | None = None, context_
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_model_path(args.model)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         import gradio  # noqa: F401
     except ImportError:
-        raise UserError("The demo needs gradio: pip install gradio (or pip install '.[demo]').") from None
-    model, processor = load_model_and_processor(args)
-    seed_if_asked(args)
+        raise UserError("The demo needs gradio: pip install 'minigpt4-hf[demo]'.") from None
+    from minigpt4_hf.inference import load_model_and_processor
+
+    model, processor = load_model_and_processor(args.model, **model_loading_kwargs(args))
+    seed_if_asked(args.seed)
     demo = build_demo(model, processor, generation_kwargs_from_args(args), args.max_context_tokens)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 
 
-
 def cli() -> None:
     """Console entry point `minigpt4-demo`."""
-    run_main(main, "demo.py")
+    run_main(main, PROG)
 
 
 if __name__ == "__main__":

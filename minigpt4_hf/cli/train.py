@@ -1,157 +1,268 @@
 """
 Two-stage MiniGPT-4 training with the stock transformers `Trainer`.
 
-    python scripts/train.py --stage {1,2} --model_name_or_path DIR_OR_ID --data_path PATH --output_dir DIR \\
-        [any TrainingArguments flag] [--init_projection FILE] [--lora_r 64 ...] [--unfreeze_qformer]
+    minigpt4-train --stage {1,2} --model FOLDER_OR_HUB_ID --data-path PATH [PATH ...] --output-dir DIR \\
+        [any TrainingArguments flag] [--init-projection FILE] [--lora-r 64 ...] [--unfreeze-qformer]
 
-`--stage 1` / `--stage 2` fill in the original recipe (see `training_data.STAGE_PRESETS`); any flag given on the
-command line wins over the preset. The same command runs under `torchrun`, `accelerate launch` and DeepSpeed
-(`--deepspeed scripts/ds_zero2.json`). See the README's "Fine-tune on your own images" section.
+`--stage 1` / `--stage 2` fill in the original recipe (the "(default: stage 1: ...; stage 2: ...)" values below);
+any flag given on the command line wins over the preset. Every other transformers `TrainingArguments` flag works too
+(`--bf16`, `--gradient-accumulation-steps`, `--save-strategy`, `--report-to`, `--deepspeed`, ...; `--help-trainer`
+lists them). The same command runs under `torchrun`, `accelerate launch` and DeepSpeed
+(`--deepspeed minigpt4_hf/ds_zero2.json`).
+
+The final model goes to --output-dir; checkpoints go to its checkpoint-N folders and hold the trained weights only
+(see docs/command-line.md, "Trainer checkpoints", for turning one into a full model).
 """
 
 import argparse
 import logging
-import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
-import torch
-import transformers
-from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
-
-from minigpt4_hf.random_models import load_model_and_processor
-from minigpt4_hf.training import (
-    ALIGNMENT_PROMPTS,
-    IMAGE_TRANSFORMS,
-    PROJECTION_FILE_NAME,
-    STAGE_PRESETS,
-    MiniGPT4Trainer,
-    SampleFormatter,
-    SetEpochCallback,
-    TrainingCollator,
-    TrainingImageTransform,
-    build_training_dataset,
-    expand_prompts,
-    prepare_model_for_training,
-    read_prompts_file,
-    save_trained_model,
-    trainable_parameter_summary,
+from minigpt4_hf.cli.options import CommandLineParser, UserError, dashes_for_underscores, positive_int, run_main
+from minigpt4_hf.inputs import (
+    DTYPE_CHOICES,
+    check_data_path,
+    check_file,
+    check_folder,
+    check_model_path,
+    previous_run_entries,
 )
+from minigpt4_hf.recipe import IMAGE_TRANSFORMS, STAGE_PRESETS
 
+
+PROG = "minigpt4-train"
 logger = logging.getLogger("train")
 
-MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What the TrainingArguments flags that the stage presets set mean here. The tool parses these flags itself only to
+# show the preset in --help, and hands them on to TrainingArguments.
+TRAINER_FLAG_HELP = {
+    "learning_rate": "Peak learning rate (the original's init_lr).",
+    "warmup_steps": "Steps of the linear warmup from --warmup-lr.",
+    "weight_decay": "AdamW weight decay of matrices (biases and norms get none).",
+    "max_steps": "Optimizer steps of the run.",
+    "per_device_train_batch_size": "Samples per step and process.",
+    "max_grad_norm": "Gradient clipping; 0 = none, as the original.",
+    "seed": "Seed of the data order, crops, prompts and LoRA initialisation.",
+    "save_steps": "Steps between checkpoints.",
+    "logging_steps": "Steps between loss logs.",
+}
 
 
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "A MiniGPT-4 folder or Hub id (model + processor)."})
-    model_dtype: str = field(
-        default="float32",
-        metadata={"help": "dtype of the frozen weights (trainable ones stay float32).", "choices": list(MODEL_DTYPES)},
-    )
-    init_projection: str | None = field(
-        default=None,
-        metadata={"help": "Warm-start the projection: a language_projection.safetensors from a stage-1 run, or the "
-                          "original's .pth ({'model': {'llama_proj.weight', 'llama_proj.bias'}})."},
-    )
-    unfreeze_qformer: bool = field(default=False, metadata={"help": "Also train the Q-Former and its query tokens."})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the language model; 0 = no LoRA."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"],
-        metadata={"help": "Language-model Linear layer names that get LoRA ('all-linear' for all but the head)."},
-    )
-    merge_lora: bool = field(default=False, metadata={"help": "Merge LoRA into the saved weights."})
-    save_frozen_weights: bool = field(
-        default=False, metadata={"help": "Write whole models into checkpoints (default: trainable weights only)."}
-    )
+def boolean(text: str) -> bool:
+    """`true`/`false` (also 1/0, yes/no), as TrainingArguments' boolean flags take them."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "y"):
+        return True
+    if value in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-@dataclass
-class DataArguments:
-    stage: int = field(metadata={"help": "Recipe preset: 1 (image-caption pretraining) or 2 (alignment).",
-                                 "choices": [1, 2]})
-    data_path: list[str] = field(
-        metadata={"help": "cc_sbu_align folder, webdataset shards (folder, glob, {000..999}), saved HF dataset, data "
-                          "file or Hub dataset id; several are mixed by --data_ratios."},
+def preset_default(name: str) -> str:
+    """'stage 1: X; stage 2: Y' for a preset flag."""
+    return "; ".join(f"stage {stage}: {preset[name]!r}" for stage, preset in sorted(STAGE_PRESETS.items()))
+
+
+def build_parser() -> CommandLineParser:
+    """
+    The tool's flags. `parser.trainer_preset_flags` names the TrainingArguments flags the presets set (everything in
+    a preset that is not one of the tool's own flags).
+    """
+    parser = CommandLineParser(PROG, description=__doc__)
+    own = set()
+
+    def add(container, *names: str, help: str, **kwargs):
+        """A flag; a preset one gets None as its default (filled from the stage) and the presets in its help."""
+        dest = names[0][2:].replace("-", "_")
+        own.add(dest)
+        if any(dest in preset for preset in STAGE_PRESETS.values()):
+            kwargs["default"] = None
+            help = f"{help} (default: {preset_default(dest)})"
+        elif kwargs.get("action") == "store_true":
+            help = f"{help} (default: off)"
+        elif "default" in kwargs and "(default" not in help:
+            help = f"{help} (default: %(default)s)"
+        container.add_argument(*names, help=help, **kwargs)
+
+    parser.add_argument("--help-trainer", action="store_true",
+                        help="List every transformers TrainingArguments flag and exit (this imports torch).")
+    run = parser.add_argument_group("run")
+    add(run, "--stage", type=int, choices=sorted(STAGE_PRESETS), required=True,
+        help="Recipe preset: 1 (image-caption pretraining) or 2 (alignment).")
+    add(run, "--model", "--model-name-or-path", required=True, metavar="FOLDER_OR_HUB_ID",
+        help="The MiniGPT-4 to start from: a saved folder (model + processor) or a Hub id.")
+    add(run, "--dtype", help="dtype of the frozen weights; trainable ones stay float32. auto = float32 (the model is "
+        "loaded on the CPU; the Trainer moves it)", choices=DTYPE_CHOICES, default="float32")
+    add(run, "--data-path", nargs="+", required=True, metavar="PATH",
+        help="cc_sbu_align folder (the one holding filter_cap.json), webdataset shards (folder, glob, {000..999}), "
+        "saved HF dataset, data file or Hub dataset id; several are mixed by --data-ratios.")
+    add(run, "--data-ratios", help="Sampling weight per --data-path (default: equal).", type=float, nargs="+")
+    add(run, "--output-dir", required=True, metavar="DIR",
+        help="Where checkpoints and the final model go; a folder of an earlier run is refused unless --resume or "
+        "--overwrite-output-dir.")
+    add(run, "--overwrite-output-dir", action="store_true",
+        help="Train into --output-dir even though an earlier run wrote there (its checkpoint-N folders stay; the final "
+        "model is replaced)")
+    add(run, "--resume", "--resume-from-checkpoint", nargs="?", const="last", metavar="CHECKPOINT",
+        help="Continue from a checkpoint-N folder, or from the newest one in --output-dir ('last', or no value) "
+        "(default: start afresh).")
+
+    model = parser.add_argument_group("model")
+    add(model, "--init-projection",
+        help="Warm-start the projection: a language_projection.safetensors from a stage-1 run, or the original's .pth "
+        "({'model': {'llama_proj.weight', 'llama_proj.bias'}}) (default: none).")
+    add(model, "--unfreeze-qformer", help="Also train the Q-Former and its query tokens", action="store_true")
+    add(model, "--lora-r", help="LoRA rank on the language model; 0 = no LoRA", type=int, default=0)
+    add(model, "--lora-alpha", help="LoRA alpha", type=int, default=16)
+    add(model, "--lora-dropout", help="LoRA dropout", type=float, default=0.05)
+    add(model, "--lora-target-modules", nargs="+", default=["q_proj", "v_proj"],
+        help="Language-model Linear layer names that get LoRA ('all-linear' for all but the head)")
+    add(model, "--merge-lora", help="Merge LoRA into the saved weights", action="store_true")
+    add(model, "--save-frozen-weights", help="Write whole models into checkpoints (otherwise: trained weights only)",
+        action="store_true")
+
+    data = parser.add_argument_group("data")
+    add(data, "--image-column", help="Image column (default: guessed).")
+    add(data, "--text-column", help="Caption column (default: guessed).")
+    add(data, "--max-txt-len", help="Target tokens kept per sample, end symbol included.", type=positive_int)
+    add(data, "--end-symbol", help="Appended to each caption; escapes like \\n work.")
+    add(data, "--prompt-template", help="Template around each prompt, e.g. '###Human: {} ###Assistant: '; empty = no "
+        "prompt (the text is <ImageHere> alone).")
+    add(data, "--prompts-file", help="Instructions, one per line with <ImageHere> (default: the original alignment.txt "
+        "prompts).")
+    add(data, "--clean-captions", help="Clean captions as the original blip_caption (true/false).", type=boolean,
+        nargs="?", const=True)
+    add(data, "--max-caption-words", help="Word limit of caption cleaning", type=positive_int, default=50)
+    add(data, "--image-transform", help="random_resized_crop (the released weights' recipe) or resize (a plain squash)",
+        choices=IMAGE_TRANSFORMS, default="random_resized_crop")
+    add(data, "--crop-scale-min", help="RandomResizedCrop smallest area fraction", type=float, default=0.5)
+    add(data, "--crop-scale-max", help="RandomResizedCrop largest area fraction", type=float, default=1.0)
+    add(data, "--shuffle-buffer", help="Shuffle buffer of streamed (webdataset) data", type=positive_int, default=1000)
+
+    schedule = parser.add_argument_group("learning rate")
+    add(schedule, "--min-lr", help="Final learning rate of the cosine.", type=float)
+    add(schedule, "--warmup-lr", help="Learning rate at the first warmup step.", type=float)
+    add(schedule, "--lr-schedule", choices=["linear_warmup_cosine", "trainer"],
+        help="linear_warmup_cosine (the original's) or trainer (--lr-scheduler-type) (default: trainer when "
+        "--lr-scheduler-type is given, else linear_warmup_cosine).")
+
+    trainer = parser.add_argument_group(
+        "TrainingArguments flags the stage presets set (every other TrainingArguments flag is accepted too)"
     )
-    data_ratios: list[float] = field(default_factory=list, metadata={"help": "Sampling weight per --data_path."})
-    image_column: str | None = field(default=None, metadata={"help": "Image column (default: guessed)."})
-    text_column: str | None = field(default=None, metadata={"help": "Caption column (default: guessed)."})
-    max_txt_len: int = field(default=160, metadata={"help": "Target tokens kept per sample (end symbol included)."})
-    end_symbol: str = field(default="###", metadata={"help": "Appended to each caption (escapes like \\n work)."})
-    prompt_template: str = field(
-        default="", metadata={"help": "Template around each prompt, e.g. '###Human: {} ###Assistant: '; empty = no "
-                                      "prompt (the text is <ImageHere> alone)."},
-    )
-    prompts_file: str | None = field(
-        default=None, metadata={"help": "Instructions, one per line with <ImageHere> (default: the original "
-                                        "alignment.txt prompts)."},
-    )
-    clean_captions: bool = field(default=False, metadata={"help": "Clean captions as the original blip_caption."})
-    max_caption_words: int = field(default=50, metadata={"help": "Word limit of caption cleaning."})
-    image_transform: str = field(
-        default="random_resized_crop",
-        metadata={"help": "random_resized_crop (the released weights' recipe) or resize (plain squash).",
-                  "choices": list(IMAGE_TRANSFORMS)},
-    )
-    crop_scale_min: float = field(default=0.5, metadata={"help": "RandomResizedCrop smallest area fraction."})
-    crop_scale_max: float = field(default=1.0, metadata={"help": "RandomResizedCrop largest area fraction."})
-    shuffle_buffer: int = field(default=1000, metadata={"help": "Shuffle buffer of streamed (webdataset) data."})
-    min_lr: float = field(default=0.0, metadata={"help": "Final learning rate of the cosine."})
-    warmup_lr: float = field(default=0.0, metadata={"help": "Learning rate at the first warmup step."})
-    lr_schedule: str | None = field(
-        default=None,
-        metadata={"help": "linear_warmup_cosine (the original's; default) or trainer (--lr_scheduler_type; chosen "
-                          "automatically when --lr_scheduler_type is given)."},
-    )
+    parser.trainer_preset_flags = [name for name in dict.fromkeys(key for preset in STAGE_PRESETS.values()
+                                                                   for key in preset) if name not in own]
+    for name in parser.trainer_preset_flags:
+        add(trainer, "--" + name.replace("_", "-"), metavar="VALUE",
+            help=TRAINER_FLAG_HELP.get(name, f"TrainingArguments.{name}."))
+    return parser
 
 
 def _flag_names(argv: list[str]) -> set[str]:
-    """The option names written in `argv` (`--name value` and `--name=value`)."""
-    return {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    """The option names written in `argv` (`--name value` and `--name=value`), with underscores."""
+    return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in dashes_for_underscores(argv) if arg.startswith("--")}
 
 
-def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
     """
-    Parses the command line over the stage preset: the preset's values are put in front of `argv`, so that any flag
-    the user gives (parsed later) overrides them. Also forces what the data pipeline needs
-    (`remove_unused_columns=False`).
+    The tool's own flags, with the stage preset filled in where the command line gave nothing, and in
+    `trainer_argv` what goes to `TrainingArguments`: the preset's Trainer flags, then the command line's.
+    Parses without importing torch.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    stage_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    stage_parser.add_argument("--stage", type=int, choices=sorted(STAGE_PRESETS))
-    stage = stage_parser.parse_known_args(argv)[0].stage
+    parser = build_parser()
+    if "--help-trainer" in dashes_for_underscores(argv):
+        from transformers import HfArgumentParser, TrainingArguments
+
+        HfArgumentParser(TrainingArguments, prog=PROG).print_help()
+        parser.exit(0)
+    args, unknown = parser.parse_known_args(argv)
     given = _flag_names(argv)
+    preset = STAGE_PRESETS[args.stage]
 
-    preset_argv = []
-    for name, value in STAGE_PRESETS.get(stage, {}).items():
-        preset_argv += [f"--{name}", str(value)]
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), allow_abbrev=False)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=preset_argv + argv)
+    trainer_argv = ["--output_dir", args.output_dir]
+    for name, value in preset.items():
+        if getattr(args, name) is not None:
+            continue
+        if name in parser.trainer_preset_flags:
+            trainer_argv += [f"--{name}", str(value)]
+        else:
+            setattr(args, name, value)
+    for name in parser.trainer_preset_flags:
+        if getattr(args, name) is not None and name in given:
+            trainer_argv += [f"--{name}", getattr(args, name)]
+    args.trainer_argv = trainer_argv + unknown
+    args.given = given
 
-    if "output_dir" not in given:
-        parser.error("the following arguments are required: --output_dir")
-    if "\\" in data_args.end_symbol:
-        data_args.end_symbol = data_args.end_symbol.encode("utf-8").decode("unicode_escape")
-    if data_args.lr_schedule is None:
-        data_args.lr_schedule = "trainer" if "lr_scheduler_type" in given else "linear_warmup_cosine"
-    if "ddp_find_unused_parameters" not in given:
+    if args.data_ratios is None:
+        args.data_ratios = []
+    if args.end_symbol is not None and "\\" in args.end_symbol and "end_symbol" in given:
+        args.end_symbol = args.end_symbol.encode("utf-8").decode("unicode_escape")
+    if args.lr_schedule is None:
+        args.lr_schedule = "trainer" if "lr_scheduler_type" in given else "linear_warmup_cosine"
+    return args
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every path the run needs, before anything is imported or loaded."""
+    check_model_path(args.model)
+    for path in args.data_path:
+        check_data_path(path)
+    if args.data_ratios and len(args.data_ratios) != len(args.data_path):
+        raise UserError(f"Got {len(args.data_path)} --data-path value(s) but {len(args.data_ratios)} --data-ratios; "
+                        "give one each.")
+    for flag, path in (("--init-projection", args.init_projection), ("--prompts-file", args.prompts_file)):
+        if path is not None:
+            check_file(path, flag)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} is a file, not a folder.")
+    if args.resume is not None and args.resume.lower() not in ("last", "latest", "true"):
+        check_folder(args.resume, "--resume")
+    elif args.resume is not None and not any(output_dir.glob("checkpoint-*")):
+        raise UserError(f"--resume {args.resume}: no checkpoint-N folder in --output-dir {output_dir}.")
+    earlier = previous_run_entries(output_dir)
+    if earlier and args.resume is None and not args.overwrite_output_dir:
+        listed = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+        raise UserError(
+            f"--output-dir {output_dir} holds an earlier run ({listed}): pass --resume to continue it, "
+            "--overwrite-output-dir to train into it anyway, or choose another --output-dir."
+        )
+
+
+def training_arguments(args: argparse.Namespace):
+    """`TrainingArguments` from `args.trainer_argv`, with what the data pipeline needs forced."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    class TrainerArgumentParser(HfArgumentParser):
+        def error(self, message: str):
+            self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
+
+    parser = TrainerArgumentParser(TrainingArguments, prog=PROG, allow_abbrev=False)
+    training_args, remaining = parser.parse_args_into_dataclasses(args=args.trainer_argv,
+                                                                  return_remaining_strings=True)
+    if remaining:
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    if "ddp_find_unused_parameters" not in args.given:
         # Every trainable parameter takes part in every forward pass (projection, LoRA, Q-Former).
         training_args.ddp_find_unused_parameters = False
     if training_args.remove_unused_columns:
-        if "remove_unused_columns" in given:
+        if "remove_unused_columns" in args.given:
             logger.warning("remove_unused_columns=True would drop the raw image/text fields; using False.")
         training_args.remove_unused_columns = False
-    return model_args, data_args, training_args
+    return training_args
 
 
-def setup_logging(training_args: TrainingArguments) -> None:
+def parse_arguments(argv: list[str] | None = None):
+    """`(args, training_args)`: the tool's own flags (stage preset applied) and the `TrainingArguments`."""
+    args = parse_command_line(argv)
+    return args, training_arguments(args)
+
+
+def setup_logging(training_args) -> None:
+    import datasets
+    import transformers
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
     level = training_args.get_process_log_level()
@@ -162,40 +273,59 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 
 def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
-    """`--resume_from_checkpoint` as a folder; `last`/`true` = the newest checkpoint in `--output_dir`."""
-    if value is None or value.lower() in ("", "false", "none"):
+    """`--resume` as a folder; `last` = the newest checkpoint in `--output-dir`."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value is None:
         return None
     if value.lower() in ("last", "latest", "true"):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        last = get_last_checkpoint(output_dir)
         if last is None:
-            raise ValueError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}.")
+            raise UserError(f"--resume {value}: no checkpoint-N folder in --output-dir {output_dir}.")
         return last
-    if not os.path.isdir(value):
-        raise ValueError(f"--resume_from_checkpoint {value}: no such checkpoint folder.")
     return value
 
 
 def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> dict:
     """
-    Runs one training and writes the final model into `--output_dir`.
+    Runs one training and writes the final model into `--output-dir`.
 
     Returns:
         `{"output_dir", "global_step", "log_history", "skipped_images" (id -> reason), "train_loss"}`.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, training_args = parse_arguments(argv)
+    args = parse_command_line(argv)
+    check_inputs(args)
+
+    import transformers
+
+    from minigpt4_hf.inference import load_model_and_processor
+    from minigpt4_hf.training import (
+        ALIGNMENT_PROMPTS,
+        PROJECTION_FILE_NAME,
+        MiniGPT4Trainer,
+        SampleFormatter,
+        SetEpochCallback,
+        TrainingCollator,
+        TrainingImageTransform,
+        build_training_dataset,
+        expand_prompts,
+        prepare_model_for_training,
+        read_prompts_file,
+        save_trained_model,
+        trainable_parameter_summary,
+    )
+
+    training_args = training_arguments(args)
     setup_logging(training_args)
-    preset = STAGE_PRESETS[data_args.stage]
-    overridden = sorted(name for name in preset if name in _flag_names(argv))
-    logger.info("Stage %s preset: %s; overridden on the command line: %s", data_args.stage, preset,
+    preset = STAGE_PRESETS[args.stage]
+    overridden = sorted(name for name in preset if name in args.given)
+    logger.info("Stage %s preset: %s; overridden on the command line: %s", args.stage, preset,
                 ", ".join(overridden) or "nothing")
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    checkpoint = resolve_checkpoint(args.resume, training_args.output_dir)
     # Seeded before the model is prepared: LoRA's initialisation draws from the global generator.
     transformers.set_seed(training_args.seed)
 
-    model, processor = load_model_and_processor(
-        model_args.model_name_or_path, dtype=MODEL_DTYPES[model_args.model_dtype]
-    )
+    model, processor = load_model_and_processor(args.model, device="cpu", dtype=args.dtype)
     freeze_flags = {name: getattr(model.config, name)
                     for name in ("freeze_vision_model", "freeze_qformer", "freeze_language_model")}
     image_size = model.config.vision_config.image_size
@@ -206,36 +336,35 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
 
     model = prepare_model_for_training(
         model,
-        unfreeze_qformer=model_args.unfreeze_qformer,
-        projection_file=model_args.init_projection,
-        lora_r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        lora_target_modules=model_args.lora_target_modules,
+        unfreeze_qformer=args.unfreeze_qformer,
+        projection_file=args.init_projection,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_target_modules=args.lora_target_modules,
     )
     logger.info("Training %s", trainable_parameter_summary(model))
 
     prompts = []
-    if data_args.prompt_template:
-        instructions = read_prompts_file(data_args.prompts_file) if data_args.prompts_file else ALIGNMENT_PROMPTS
-        prompts = expand_prompts(data_args.prompt_template, instructions)
+    if args.prompt_template:
+        instructions = read_prompts_file(args.prompts_file) if args.prompts_file else ALIGNMENT_PROMPTS
+        prompts = expand_prompts(args.prompt_template, instructions)
     formatter = SampleFormatter(
         image_transform=TrainingImageTransform(
-            size=image_size, mode=data_args.image_transform,
-            scale=(data_args.crop_scale_min, data_args.crop_scale_max),
+            size=image_size, mode=args.image_transform, scale=(args.crop_scale_min, args.crop_scale_max),
         ),
         prompts=prompts,
-        end_symbol=data_args.end_symbol,
-        clean_captions=data_args.clean_captions,
-        max_caption_words=data_args.max_caption_words,
+        end_symbol=args.end_symbol,
+        clean_captions=args.clean_captions,
+        max_caption_words=args.max_caption_words,
     )
     train_data = build_training_dataset(
-        data_args.data_path, formatter, ratios=data_args.data_ratios, image_column=data_args.image_column,
-        text_column=data_args.text_column, seed=training_args.seed, shuffle_buffer=data_args.shuffle_buffer,
+        args.data_path, formatter, ratios=args.data_ratios, image_column=args.image_column,
+        text_column=args.text_column, seed=training_args.seed, shuffle_buffer=args.shuffle_buffer,
     )
     if train_data.is_streaming:
         if training_args.max_steps <= 0:
-            raise ValueError("Streamed data (webdataset shards or mixed sources) has no length: give --max_steps.")
+            raise UserError("Streamed data (webdataset shards or mixed sources) has no length: give --max-steps.")
         # Each process reads its own part of the stream (batches of different lengths cannot be dispatched).
         training_args.accelerator_config.dispatch_batches = False
 
@@ -243,22 +372,22 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         model=model,
         args=training_args,
         train_dataset=train_data.dataset,
-        data_collator=TrainingCollator(processor, max_txt_len=data_args.max_txt_len),
+        data_collator=TrainingCollator(processor, max_txt_len=args.max_txt_len),
         processing_class=processor,
         callbacks=[SetEpochCallback(train_data), *(extra_callbacks or [])],
-        min_lr=data_args.min_lr,
-        warmup_lr=data_args.warmup_lr,
-        lr_schedule=data_args.lr_schedule,
-        save_frozen_weights=model_args.save_frozen_weights,
+        min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr,
+        lr_schedule=args.lr_schedule,
+        save_frozen_weights=args.save_frozen_weights,
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
     logger.info(train_data.skipped.summary())
 
     if trainer.args.should_save:
         save_trained_model(
-            trainer.model, processor, training_args.output_dir, merge_lora=model_args.merge_lora,
+            trainer.model, processor, training_args.output_dir, merge_lora=args.merge_lora,
             freeze_flags=freeze_flags,
-            metadata={"stage": str(data_args.stage), "global_step": str(trainer.state.global_step)},
+            metadata={"stage": str(args.stage), "global_step": str(trainer.state.global_step)},
         )
         logger.info("Saved the trained model to %s and the projection alone to %s", training_args.output_dir,
                     Path(training_args.output_dir) / PROJECTION_FILE_NAME)
@@ -272,10 +401,14 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     }
 
 
-
 def cli() -> None:
     """Console entry point `minigpt4-train`."""
-    main()
+
+    def run() -> int:
+        main()
+        return 0
+
+    run_main(run, PROG)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,245 @@
+"""
+The command-line convention of every minigpt4-* tool (docs/command-line.md): console entry points, a fast `--help`
+with every default, underscore spellings, the same flags everywhere, and bad input refused with one line and exit
+status 2 before anything is loaded or written.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+
+from conftest import REPO_ROOT
+from minigpt4_hf.cli import build_stage2_data, caption, chat, convert, demo, quickstart, train
+from minigpt4_hf.cli import benchmark as benchmark_cli
+from minigpt4_hf.random_models import EXAMPLE_IMAGE
+
+
+TOOLS = {  # console entry point -> module in minigpt4_hf.cli
+    "minigpt4-quickstart": "quickstart",
+    "minigpt4-convert": "convert",
+    "minigpt4-train": "train",
+    "minigpt4-chat": "chat",
+    "minigpt4-caption": "caption",
+    "minigpt4-demo": "demo",
+    "minigpt4-build-stage2-data": "build_stage2_data",
+    "minigpt4-benchmark": "benchmark",
+}
+MAINS = {"minigpt4-quickstart": quickstart.main, "minigpt4-convert": convert.main, "minigpt4-train": train.main,
+         "minigpt4-chat": chat.main, "minigpt4-caption": caption.main, "minigpt4-demo": demo.main,
+         "minigpt4-build-stage2-data": build_stage2_data.main, "minigpt4-benchmark": benchmark_cli.main}
+HEAVY_PACKAGES = ("torch", "transformers", "datasets", "gradio", "peft", "accelerate")
+HELP_PROBE = """
+import runpy, sys
+sys.argv = [{tool!r}, "--help"]
+try:
+    runpy.run_module("minigpt4_hf.cli.{module}", run_name="__main__")
+except SystemExit as exit:
+    print("EXIT", exit.code, file=sys.stderr)
+print("IMPORTED", *sorted(name for name in {heavy!r} if name in sys.modules), file=sys.stderr)
+"""
+
+
+def run_python(args: list[str], cwd) -> subprocess.CompletedProcess:
+    """Python with this checkout importable, from `cwd` (a folder outside the checkout)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+
+
+def flag_entries(text: str) -> dict[str, str]:
+    """`--flag` -> its whole entry in a help text (the invocation and the help, over however many lines)."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        match = re.match(r"^  (-\w, )?(--[\w-]+)", line)
+        if match:
+            current = match.group(2)
+            entries[current] = line
+        elif current is not None and line.startswith("    "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def help_text(tool: str, capsys, monkeypatch) -> str:
+    """`TOOL --help` as printed (one line per flag: a wide terminal)."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit) as exit_info:
+        MAINS[tool](["--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def snapshot(folder) -> dict:
+    """Every path below `folder` with its size (what a refused command must leave as it was)."""
+    return {str(path.relative_to(folder)): path.stat().st_size if path.is_file() else None
+            for path in sorted(folder.rglob("*"))}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry points and --help.
+
+
+def test_every_tool_is_a_console_entry_point_and_a_scripts_launcher():
+    declared = dict(re.findall(r'"(minigpt4-[\w-]+) = minigpt4_hf\.cli\.(\w+):cli"', (REPO_ROOT / "setup.py").read_text()))
+    assert declared == TOOLS
+    launched = {re.search(r"from minigpt4_hf\.cli\.(\w+) import cli", path.read_text()).group(1)
+                for path in (REPO_ROOT / "scripts").glob("*.py")}
+    assert launched == set(TOOLS.values())
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_help_answers_without_importing_torch(tool, tmp_path):
+    probe = HELP_PROBE.format(tool=tool, module=TOOLS[tool], heavy=HEAVY_PACKAGES)
+    result = run_python(["-c", probe], cwd=tmp_path)
+    assert result.stdout.startswith(f"usage: {tool} "), result.stderr
+    assert "EXIT 0" in result.stderr
+    assert "IMPORTED\n" in result.stderr, result.stderr  # none of HEAVY_PACKAGES
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_help_gives_every_optional_flag_its_default(tool, capsys, monkeypatch):
+    text = help_text(tool, capsys, monkeypatch)
+    usage = text.split("\n\n", 1)[0]
+    optional = set(re.findall(r"\[(--[\w-]+)", usage)) - {"--help", "--help-trainer"}
+    entries = flag_entries(text)
+    assert optional and optional <= set(entries)
+    for flag in optional:
+        assert "(default" in entries[flag], entries[flag]
+
+
+@pytest.mark.parametrize("tool", ["minigpt4-chat", "minigpt4-caption", "minigpt4-demo",
+                                  "minigpt4-build-stage2-data", "minigpt4-train", "minigpt4-convert"])
+def test_dtype_takes_the_same_choices_in_every_tool(tool, capsys, monkeypatch):
+    assert "--dtype {auto,float32,bfloat16,float16}" in help_text(tool, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("tool", ["minigpt4-chat", "minigpt4-caption", "minigpt4-demo", "minigpt4-build-stage2-data"])
+def test_sampling_is_one_switch_in_every_generating_tool(tool, capsys, monkeypatch):
+    text = help_text(tool, capsys, monkeypatch)
+    assert "--sample, --no-sample" in text
+    assert "--greedy" not in text
+
+
+def test_every_flag_also_takes_its_underscore_spelling():
+    dashed = chat.parse_args(["--model", "m", "--max-new-tokens", "5", "--top-p", "0.5", "--no-sample",
+                              "--device-map", "auto"])
+    underscored = chat.parse_args(["--model", "m", "--max_new_tokens", "5", "--top_p=0.5", "--no_sample",
+                                   "--device_map", "auto"])
+    assert vars(underscored) == vars(dashed)
+
+
+def test_a_usage_error_is_one_line_and_exit_status_2(tmp_path):
+    result = run_python(["-m", "minigpt4_hf.cli.chat", "--model", "m", "--no-such-flag"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "minigpt4-chat: error: unrecognized arguments: --no-such-flag (see minigpt4-chat --help)"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit status 2, nothing written, before any model is loaded.
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_saved_dir):
+    """A folder with a cc_sbu_align folder, an earlier run's output, a Trainer checkpoint and a copy of a model."""
+    align = tmp_path / "cc_sbu_align"
+    (align / "image").mkdir(parents=True)
+    (align / "filter_cap.json").write_text(json.dumps({"annotations": [{"image_id": "0", "caption": "a cup"}]}))
+    (align / "image" / "0.jpg").write_bytes(EXAMPLE_IMAGE.read_bytes())
+    (tmp_path / "earlier_run" / "checkpoint-2").mkdir(parents=True)
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text((tiny_saved_dir / "config.json").read_text())
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    safetensors.torch.save_file({"language_projection.weight": torch.zeros(2, 2),
+                                 "language_projection.bias": torch.zeros(2)}, str(checkpoint / "model.safetensors"))
+    return tmp_path
+
+
+BAD_INPUT = {
+    "missing model folder": (
+        ["minigpt4_hf.cli.chat", "--model", "nowhere/model/", "--prompt", "Hi", "--image", str(EXAMPLE_IMAGE)],
+        "minigpt4-chat: error: --model nowhere/model/: no such folder.",
+    ),
+    "missing image": (
+        ["minigpt4_hf.cli.chat", "--model", "{model}", "--image", "photo.jpg", "--prompt", "Hi"],
+        "minigpt4-chat: error: --image photo.jpg: no such file.",
+    ),
+    "missing images folder": (
+        ["minigpt4_hf.cli.caption", "--model", "{model}", "--images", "photos", "--output", "out.jsonl"],
+        "minigpt4-caption: error: --images photos: no such folder or file.",
+    ),
+    "missing model folder of the demo": (
+        ["minigpt4_hf.cli.demo", "--model", "./model"],
+        "minigpt4-demo: error: --model ./model: no such folder.",
+    ),
+    "missing image of the quickstart": (
+        ["minigpt4_hf.cli.quickstart", "--image", "photo.jpg", "--output-dir", "tiny"],
+        "minigpt4-quickstart: error: --image photo.jpg: no such file.",
+    ),
+    "missing language model folder": (
+        ["minigpt4_hf.cli.convert", "--blip2", "{model}", "--llm", "vicuna", "--projection-checkpoint",
+         str(EXAMPLE_IMAGE), "--output-dir", "converted"],
+        "minigpt4-convert: error: --llm vicuna: no such folder.",
+    ),
+    "missing data path": (
+        ["minigpt4_hf.cli.train", "--stage", "2", "--model", "{model}", "--data-path", "my_data",
+         "--output-dir", "trained"],
+        "minigpt4-train: error: --data-path 'my_data' matches no file or folder.",
+    ),
+    "data path at the image folder of cc_sbu_align": (
+        ["minigpt4_hf.cli.train", "--stage", "2", "--model", "{model}", "--data-path", "cc_sbu_align/image",
+         "--output-dir", "trained"],
+        "minigpt4-train: error: --data-path cc_sbu_align/image is the image folder of a cc_sbu_align folder: point at "
+        "the folder that holds filter_cap.json",
+    ),
+    "output folder of an earlier run": (
+        ["minigpt4_hf.cli.train", "--stage", "2", "--model", "{model}", "--data-path", "cc_sbu_align",
+         "--output-dir", "earlier_run"],
+        "minigpt4-train: error: --output-dir earlier_run holds an earlier run (checkpoint-2): pass --resume to "
+        "continue it, --overwrite-output-dir",
+    ),
+    "Trainer checkpoint where a full model is expected": (
+        ["minigpt4_hf.cli.chat", "--model", "run/checkpoint-3", "--image", str(EXAMPLE_IMAGE)],
+        "minigpt4-chat: error: --model run/checkpoint-3 is a Trainer checkpoint (trained weights and optimizer state "
+        "only), not a full model. Use the run's --output-dir, or write a full model from it: rerun minigpt4-train "
+        "with the same flags plus --resume run/checkpoint-3 --max-steps 3",
+    ),
+    "missing stage-1 model of the stage-2 builder": (
+        ["minigpt4_hf.cli.build_stage2_data", "--steps", "describe", "--images", "cc_sbu_align/image", "--model",
+         "stage1", "--work-dir", "work"],
+        "minigpt4-build-stage2-data: error: --model stage1: no such folder.",
+    ),
+    "zero benchmark repeats": (
+        ["minigpt4_hf.cli.benchmark", "--repeats", "0", "--json", "bench.json"],
+        "minigpt4-benchmark: error: argument --repeats: must be at least 1, got 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_one_line_exit_status_2_and_nothing_written(case, workspace, tiny_saved_dir):
+    argv, expected = BAD_INPUT[case]
+    before = snapshot(workspace)
+    result = run_python(["-m", *[arg.replace("{model}", str(tiny_saved_dir)) for arg in argv]], cwd=workspace)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(expected), result.stderr
+    assert snapshot(workspace) == before
+
+
+def test_root_modules_import_without_peft_datasets_accelerate_or_gradio(tmp_path):
+    probe = ("import sys\n"
+             "for name in ('peft', 'datasets', 'accelerate', 'gradio'):\n"
+             "    sys.modules[name] = None  # importing one now fails\n"
+             "import configuration_minigpt4, modeling_minigpt4, processing_minigpt4\n")
+    result = run_python(["-c", probe], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
