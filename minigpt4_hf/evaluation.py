@@ -9,8 +9,10 @@ identifier for MiniGPT-v2), greedy decoding with 20 new tokens (`eval_configs/mi
 the same answer clean-up and scoring rules, except where a benchmark defines its own metric (see `TASKS` and
 docs/evaluation.md). lmms-eval runs through `minigpt4_hf.lmms_eval_model`.
 
-Flow of one benchmark: `load_benchmark_dataset` -> `check_columns` -> `run_task` (batched generation or answer
-ranking, one journal record per row, so a killed run resumes) -> `score_task` -> `write_task_outputs`.
+Flow of one benchmark: `load_benchmark_dataset` -> `check_columns` -> `plan_items` (every question, its instruction
+and reference, before the model loads) -> `run_task` (batched generation or answer ranking, one journal record per
+item, so a killed run resumes) -> `score_task` -> `write_task_outputs`. Bad input raises `InputError` (one line, the
+flag to fix). torch, transformers and datasets are imported only where they are used.
 """
 
 from __future__ import annotations
@@ -25,12 +27,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
 from minigpt4_hf.files import atomic_path, write_text_atomically
-from minigpt4_hf.inference import UserError, generate_answers, input_device
-from processing_minigpt4 import load_rgb_image
+from minigpt4_hf.inputs import InputError
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -128,13 +126,13 @@ TASKS: dict[str, BenchmarkTask] = {
 
 
 def parse_task_names(text: str) -> list[BenchmarkTask]:
-    """`"refcoco,okvqa"` -> the tasks; an unknown name is a `UserError` that lists the known ones."""
+    """`"refcoco,okvqa"` -> the tasks; an unknown name is a `InputError` that lists the known ones."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
-        raise UserError(f"--tasks is empty; known MiniGPT-v2 tasks: {', '.join(TASKS)}.")
+        raise InputError(f"--tasks is empty; known MiniGPT-v2 tasks: {', '.join(TASKS)}.")
     unknown = [name for name in names if name not in TASKS]
     if unknown:
-        raise UserError(
+        raise InputError(
             f"unknown task(s) {', '.join(unknown)} for --suite minigpt-v2; known tasks: {', '.join(TASKS)}."
         )
     return [TASKS[name] for name in dict.fromkeys(names)]
@@ -144,7 +142,7 @@ def check_variant_supports(tasks: Sequence[BenchmarkTask], variant: str) -> None
     """Refuses box benchmarks for a variant that was not trained to write boxes (before any data is loaded)."""
     grounding = [task.name for task in tasks if task.needs_grounding]
     if grounding and variant not in GROUNDING_VARIANTS:
-        raise UserError(
+        raise InputError(
             f"{', '.join(grounding)} score boxes, which only a grounding-capable variant writes "
             f"({', '.join(GROUNDING_VARIANTS)}: MiniGPT-v2); this model's config says variant {variant!r}. "
             "Evaluate a MiniGPT-v2 checkpoint, or drop those tasks."
@@ -183,7 +181,7 @@ def load_benchmark_dataset(source: str, split: str | None = None):
     """
     A `datasets.Dataset` from `source`: a folder written by `save_to_disk`, a folder or file of data
     (JSON lines, JSON, CSV, Parquet, images with `metadata.jsonl`) or a Hub dataset id. When the source has several
-    splits, `split` picks one (a missing or unknown split is a `UserError` listing them); a single file is the split
+    splits, `split` picks one (a missing or unknown split is a `InputError` listing them); a single file is the split
     `split` (default "test").
     """
     import datasets
@@ -195,28 +193,28 @@ def load_benchmark_dataset(source: str, split: str | None = None):
         elif path.is_file():
             builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
             if builder is None:
-                raise UserError(f"--data {source}: a data file must be .jsonl, .json, .csv or .parquet.")
+                raise InputError(f"--data {source}: a data file must be .jsonl, .json, .csv or .parquet.")
             # One file is one split: call it "test" (datasets would name it "train").
             loaded = datasets.load_dataset(builder, data_files={split or "test": str(path)})
         elif path.is_dir():
             loaded = datasets.load_dataset(str(path))
         elif path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
-            raise UserError(f"--data {source}: no such folder or file.")
+            raise InputError(f"--data {source}: no such folder or file.")
         else:
             loaded = datasets.load_dataset(source)
-    except UserError:
+    except InputError:
         raise
     except (FileNotFoundError, ValueError, OSError) as error:
-        raise UserError(f"--data {source}: could not load a dataset ({type(error).__name__}: {error}).") from None
+        raise InputError(f"--data {source}: could not load a dataset ({type(error).__name__}: {error}).") from None
     if isinstance(loaded, datasets.Dataset):
         return loaded
     splits = list(loaded)
     if split is None:
         if len(splits) == 1:
             return loaded[splits[0]]
-        raise UserError(f"--data {source} has the splits {', '.join(splits)}; pick one with --split.")
+        raise InputError(f"--data {source} has the splits {', '.join(splits)}; pick one with --split.")
     if split not in loaded:
-        raise UserError(f"--data {source} has no split {split!r}; its splits: {', '.join(splits)}.")
+        raise InputError(f"--data {source} has no split {split!r}; its splits: {', '.join(splits)}.")
     return loaded[split]
 
 
@@ -235,14 +233,14 @@ def parse_column_mapping(items: Iterable[str], tasks: Sequence[BenchmarkTask]) -
     for item in items:
         name, equals, column = item.partition("=")
         if not equals or not name or not column:
-            raise UserError(f"--column {item!r}: write NAME=COLUMN or TASK.NAME=COLUMN, e.g. --column question=q.")
+            raise InputError(f"--column {item!r}: write NAME=COLUMN or TASK.NAME=COLUMN, e.g. --column question=q.")
         scope, _, name = name.rpartition(".") if "." in name and name.split(".")[0] in TASKS else ("", "", name)
         targets = [task for task in tasks if not scope or task.name == scope]
         if scope and not targets:
-            raise UserError(f"--column {item!r}: task {scope} is not among --tasks.")
+            raise InputError(f"--column {item!r}: task {scope} is not among --tasks.")
         known = {"image", "id"} | {column_name for task in targets for column_name in task.columns}
         if name not in known:
-            raise UserError(f"--column {item!r}: {name!r} is not a column these tasks read ({', '.join(sorted(known))}).")
+            raise InputError(f"--column {item!r}: {name!r} is not a column these tasks read ({', '.join(sorted(known))}).")
         for task in targets:
             if name in ("image", "id") or name in task.columns:
                 mapping[task.name][name] = column
@@ -250,14 +248,14 @@ def parse_column_mapping(items: Iterable[str], tasks: Sequence[BenchmarkTask]) -
 
 
 def check_columns(task: BenchmarkTask, column_names: Sequence[str], mapping: dict[str, str], source: str) -> None:
-    """A dataset without the columns the task reads is a `UserError` naming them and the `--column` flag."""
+    """A dataset without the columns the task reads is a `InputError` naming them and the `--column` flag."""
     needed = row_names(task, mapping)
     missing = [name for name in needed if mapping.get(name, name) not in column_names]
     if missing:
         described = ", ".join(
             f"{name!r}" + (f" (mapped to {mapping[name]!r})" if name in mapping else "") for name in missing
         )
-        raise UserError(
+        raise InputError(
             f"--data {source} (task {task.name}) lacks the column(s) {described}; its columns are "
             f"{', '.join(column_names)}. Name yours with --column NAME=COLUMN, e.g. --column {missing[0]}=YOUR_COLUMN."
         )
@@ -284,6 +282,8 @@ def open_row_image(value, image_root: str | os.PathLike | None):
         value = os.path.join(image_root, value)
     if value is None:
         raise ValueError("the image is missing")
+    from processing_minigpt4 import load_rgb_image
+
     return load_rgb_image(value)
 
 
@@ -358,7 +358,7 @@ def _vqa_normalizer():
     try:
         from lmms_eval.tasks._task_utils.vqa_eval_metric import EvalAIAnswerProcessor
     except ImportError:
-        raise UserError(
+        raise InputError(
             "OK-VQA / VizWiz scoring uses lmms-eval's VQA answer normalisation: pip install 'minigpt4-hf[eval]' "
             "(see docs/evaluation.md)."
         ) from None
@@ -474,9 +474,9 @@ def check_scorer_available(tasks: Sequence[BenchmarkTask], caption_tokenizer: st
         try:
             import pycocoevalcap  # noqa: F401
         except ImportError:
-            raise UserError("coco_caption scoring needs pycocoevalcap: pip install 'minigpt4-hf[eval]'.") from None
+            raise InputError("coco_caption scoring needs pycocoevalcap: pip install 'minigpt4-hf[eval]'.") from None
         if caption_tokenizer == "ptb" and shutil.which("java") is None:
-            raise UserError(
+            raise InputError(
                 "coco_caption's PTB tokenizer runs in Java, and there is no `java` here: install a JRE (e.g. "
                 "apt-get install default-jre-headless) or pass --caption-tokenizer simple (no Java, slightly "
                 "different CIDEr)."
@@ -530,7 +530,6 @@ def generation_prompt(processor, message: dict) -> str:
     return processor.apply_chat_template([message], add_generation_prompt=True)
 
 
-@torch.inference_mode()
 def continuation_log_likelihoods(
     model, processor, images: list[list], prompts: list[str], continuations: list[str]
 ) -> list[tuple[float, bool]]:
@@ -539,21 +538,23 @@ def continuation_log_likelihoods(
     whether greedy decoding would produce exactly it. One right-padded forward pass; the continuation is tokenised
     as its own segment, as the original tokenised answers (`MiniGPTBase.forward`).
     """
+    import torch
+
+    from minigpt4_hf.inference import input_device
+
     inputs = processor(images=images, text=prompts, suffix=continuations, return_tensors="pt")
     labels = inputs.pop("labels").to(input_device(model))
     inputs = inputs.to(input_device(model))
-    logits = model(**inputs).logits[:, :-1]
-    targets = labels[:, 1:]
-    mask = targets != -100
-    picked = torch.log_softmax(logits[mask].float(), dim=-1)  # (tokens, vocab)
-    token_log_probs = picked.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
-    greedy = picked.argmax(-1) == targets[mask]
-    rows = mask.nonzero()[:, 0]
-    results = []
-    for row in range(len(prompts)):
-        selected = rows == row
-        results.append((float(token_log_probs[selected].sum()), bool(greedy[selected].all())))
-    return results
+    with torch.inference_mode():
+        logits = model(**inputs).logits[:, :-1]  # (rows, length - 1, vocabulary): the prediction of each next token
+        targets = labels[:, 1:]
+        mask = targets != -100
+        log_probs = torch.log_softmax(logits[mask].float(), dim=-1)  # (continuation tokens, vocabulary)
+        token_log_probs = log_probs.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+        greedy = log_probs.argmax(-1) == targets[mask]
+        rows = mask.nonzero()[:, 0]
+        return [(float(token_log_probs[rows == row].sum()), bool(greedy[rows == row].all()))
+                for row in range(len(prompts))]
 
 
 def rank_choices(model, processor, image, prompt: str, choices: Sequence[str], end_text: str) -> tuple[int, list[float]]:
@@ -618,7 +619,7 @@ def row_items(row: dict, index: int, run: TaskRun) -> list[Item]:
         try:
             reference = reference_of(run.task, fields, run.box_format)
         except (ValueError, TypeError, KeyError, IndexError) as error:
-            raise UserError(
+            raise InputError(
                 f"task {run.task.name}, row {index}: cannot read the reference ({type(error).__name__}: {error}); "
                 "check what --column maps and the accepted layouts in docs/evaluation.md."
             ) from None
@@ -629,7 +630,7 @@ def row_items(row: dict, index: int, run: TaskRun) -> list[Item]:
 def plan_items(dataset, run: TaskRun) -> list[Item]:
     """
     Every item of `dataset` (up to `run.limit` rows) in order, read from the text columns only: a reference that
-    cannot be read or a repeated id is a `UserError` here, before the model is loaded.
+    cannot be read or a repeated id is a `InputError` here, before the model is loaded.
     """
     count = len(dataset) if run.limit is None else min(run.limit, len(dataset))
     columns = [run.mapping.get(name, name) for name in row_names(run.task, run.mapping, with_image=False)]
@@ -637,7 +638,7 @@ def plan_items(dataset, run: TaskRun) -> list[Item]:
     for index, raw in enumerate(dataset.select_columns(columns).select(range(count))):
         items.extend(row_items(canonical_row(raw, run.task, run.mapping, with_image=False), index, run))
     if len({item.key for item in items}) != len(items):
-        raise UserError(f"task {run.task.name}: the id column {run.mapping.get('id')!r} has repeated values.")
+        raise InputError(f"task {run.task.name}: the id column {run.mapping.get('id')!r} has repeated values.")
     return items
 
 
@@ -666,6 +667,8 @@ def predict_items(model, processor, dataset, items: list[Item], run: TaskRun) ->
             chosen, losses = rank_choices(model, processor, image, prompt, choices, end_text)
             record.update(prediction=choices[chosen], choice=chosen, losses=losses)
     else:
+        from minigpt4_hf.inference import generate_answers
+
         answers = generate_answers(
             model, processor, images, prompts, max_new_tokens=run.max_new_tokens, do_sample=False, num_beams=1
         )
@@ -680,6 +683,9 @@ def run_task(model, processor, dataset, run: TaskRun, items: list[Item], journal
     time (each batch appended to the journal whole and synced, so a killed run loses no finished batch), with a
     progress bar. Returns the records of all items, in dataset order.
     """
+    import torch
+    from tqdm.auto import tqdm
+
     todo = [item for item in items if journal.records.get(item.key, {}).get("instruction") != item.instruction]
     with tqdm(total=len(items), initial=len(items) - len(todo), unit="item", desc=run.key) as progress:
         for start in range(0, len(todo), run.batch_size):
@@ -687,7 +693,7 @@ def run_task(model, processor, dataset, run: TaskRun, items: list[Item], journal
             try:
                 records = predict_items(model, processor, dataset, batch, run)
             except torch.OutOfMemoryError:
-                raise UserError(
+                raise InputError(
                     f"out of GPU memory with --batch-size {run.batch_size}: lower it and run the same command again "
                     f"(finished items are kept in {journal.path})."
                 ) from None
@@ -716,7 +722,7 @@ def read_summary(output_dir: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise UserError(f"{path} is not valid JSON ({error}); move it away or use another --output-dir.") from None
+        raise InputError(f"{path} is not valid JSON ({error}); move it away or use another --output-dir.") from None
 
 
 def update_summary(output_dir: Path, model: str, entries: dict[str, dict]) -> dict:

@@ -34,7 +34,9 @@ from minigpt4_hf.evaluation import (
     dataset_type_for,
     generation_prompt,
 )
-from minigpt4_hf.inference import CHAT_GENERATION_DEFAULTS, UserError, generate_answers
+from minigpt4_hf.generation import CHAT_GENERATION_DEFAULTS
+from minigpt4_hf.inference import generate_answers
+from minigpt4_hf.inputs import InputError
 from processing_minigpt4 import TASK_IDENTIFIERS
 
 
@@ -92,7 +94,7 @@ class MiniGPT4LmmsModel(lmms):
         visuals = [visual for visual in (visuals or []) if visual is not None]
         if not all(isinstance(visual, Image.Image) for visual in visuals):
             kinds = sorted({type(visual).__name__ for visual in visuals})
-            raise UserError(f"lmms-eval task {task} gives {', '.join(kinds)} inputs; MiniGPT-4 takes images only.")
+            raise InputError(f"lmms-eval task {task} gives {', '.join(kinds)} inputs; MiniGPT-4 takes images only.")
         return [visual.convert("RGB") for visual in visuals]
 
     def _prompt(self, context: str, num_images: int, task: str) -> str:
@@ -190,7 +192,7 @@ class MiniGPT4LmmsModel(lmms):
                 for value in self._run_pending(requests, keys, "lmms-eval likelihood", answer_batch)]
 
     def generate_until_multi_round(self, requests) -> list[str]:
-        raise UserError("multi-round lmms-eval tasks are not supported by MiniGPT-4's lmms-eval model.")
+        raise InputError("multi-round lmms-eval tasks are not supported by MiniGPT-4's lmms-eval model.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -215,7 +217,7 @@ def lmms_eval_tasks(names: Sequence[str], include_paths: Sequence[str] = ()) -> 
     """
     lmms-eval's task index and the tasks (or groups) `names` resolves to. Tasks defined under `include_paths` (YAML
     files) are looked up there first; lmms-eval's own ~2000 tasks are indexed only when needed (indexing them takes
-    a while). An unknown name is a `UserError` suggesting close known names.
+    a while). An unknown name is a `InputError` suggesting close known names.
     """
     import difflib
 
@@ -234,7 +236,7 @@ def lmms_eval_tasks(names: Sequence[str], include_paths: Sequence[str] = ()) -> 
         for name in missing:
             close = difflib.get_close_matches(name, manager.all_tasks, n=5)
             hints.append(f"{name} (close: {', '.join(close)})" if close else name)
-        raise UserError(
+        raise InputError(
             f"unknown lmms-eval task(s): {'; '.join(hints)}. lmms-eval knows {len(manager.all_tasks)} tasks "
             "(list them with `lmms-eval --tasks list`); a local task is a YAML file under --include-path."
         )

@@ -131,7 +131,10 @@ def test_a_box_task_on_a_model_that_cannot_ground_is_refused_before_loading_data
 
 
 def test_an_unreadable_reference_is_refused_before_the_model_loads(tiny_saved_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(evaluate, "load_model_and_processor", lambda args: pytest.fail("the model was loaded"))
+    import minigpt4_hf.inference
+
+    monkeypatch.setattr(minigpt4_hf.inference, "load_model_and_processor",
+                        lambda *args, **kwargs: pytest.fail("the model was loaded"))
     data = saved_dataset(tmp_path / "data")  # its "answer" column is an index; read as the choice's text it fails
     message = bad_input(capsys, "--model", tiny_saved_dir, "--suite", "minigpt-v2", "--tasks",
                         "iconvqa", "--data", data, "--column", "answer=text", "--output-dir", tmp_path / "out")

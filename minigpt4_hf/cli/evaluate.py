@@ -29,82 +29,87 @@ import json
 import sys
 from pathlib import Path
 
+from minigpt4_hf.cli.options import (
+    CommandLineParser,
+    UserError,
+    add_model_arguments,
+    model_loading_kwargs,
+    positive_int,
+    run_main,
+)
+from minigpt4_hf.evaluation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 from minigpt4_hf.files import write_text_atomically
-from minigpt4_hf.inference import UserError, add_model_arguments, load_model_and_processor, run_main
+from minigpt4_hf.inputs import check_model_path
 
 
+PROG = "minigpt4-evaluate"
 SUITES = ("minigpt-v2", "lmms-eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from minigpt4_hf.evaluation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
-    from processing_minigpt4 import TASK_IDENTIFIERS
-
-    parser = argparse.ArgumentParser(
-        prog="minigpt4-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandLineParser(PROG, description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--suite", choices=SUITES, required=True, help="MiniGPT-v2's protocol or lmms-eval.")
     parser.add_argument("--tasks", required=True, help="Comma-separated task names of the suite.")
-    parser.add_argument("--output-dir", "--output_dir", required=True, type=Path,
+    parser.add_argument("--output-dir", required=True, type=Path,
                         help="Folder of the journals, predictions, summary.json (and lmms-eval's result files).")
-    parser.add_argument("--batch-size", "--batch_size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
-                        help=f"Rows per generate() call (default {DEFAULT_BATCH_SIZE}, as the original eval config).")
-    parser.add_argument("--max-new-tokens", "--max_new_tokens", type=_positive_int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                        help="Questions per generate() call (default: %(default)s, as the original eval config).")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
                         help=f"Answer length limit (default: {DEFAULT_MAX_NEW_TOKENS} for minigpt-v2, as the original "
-                             "eval config; each lmms-eval task's own setting, else 300).")
-    parser.add_argument("--limit", type=_positive_int, default=None,
-                        help="Evaluate only the first N rows of each task (a quick check; not a benchmark score).")
+                             "eval config; for lmms-eval each task's own setting, else 300).")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="Evaluate only the first N rows of each task: a quick check, not a benchmark score "
+                             "(default: every row).")
 
     v2 = parser.add_argument_group("minigpt-v2 suite")
     v2.add_argument("--data", action="append", default=[], metavar="[TASK=]SOURCE",
                     help="A task's dataset: a Hub dataset id, a save_to_disk folder, a data folder or a "
-                         ".jsonl/.json/.csv/.parquet file (repeat per task; TASK= may be left out with one task).")
+                         ".jsonl/.json/.csv/.parquet file; once per task, TASK= may be left out with one task "
+                         "(default: none).")
     v2.add_argument("--split", action="append", default=[], metavar="[TASK=]SPLIT",
-                    help="The split to evaluate (needed when the source has several) and its name in the results.")
+                    help="The split to evaluate (needed when the source has several) and its name in the results "
+                         "(default: the only split; test for a data file).")
     v2.add_argument("--column", action="append", default=[], metavar="[TASK.]NAME=COLUMN",
-                    help="Read the task's column NAME (image, id, question, answers, ...) from COLUMN.")
-    v2.add_argument("--image-root", "--image_root", default=None,
+                    help="Read the task's column NAME (image, id, question, answers, ...) from COLUMN (default: "
+                         "the column named NAME).")
+    v2.add_argument("--image-root", default=None,
                     help="Folder that relative image paths in the data are under (default: the data's folder).")
-    v2.add_argument("--box-format", "--box_format", choices=("xywh", "xyxy"), default="xywh",
-                    help="Ground-truth boxes as x, y, width, height (COCO/RefCOCO, default) or x1, y1, x2, y2.")
-    v2.add_argument("--caption-tokenizer", "--caption_tokenizer", choices=("ptb", "simple"), default="ptb",
-                    help="Caption tokenisation before CIDEr: ptb (COCO's, needs Java; default) or simple (Python).")
+    v2.add_argument("--box-format", choices=("xywh", "xyxy"), default="xywh",
+                    help="Ground-truth boxes as x, y, width, height (COCO, RefCOCO) or x1, y1, x2, y2 "
+                         "(default: %(default)s).")
+    v2.add_argument("--caption-tokenizer", choices=("ptb", "simple"), default="ptb",
+                    help="Caption tokenisation before CIDEr: ptb (COCO's, needs Java) or simple (Python) "
+                         "(default: %(default)s).")
 
     lmms = parser.add_argument_group("lmms-eval suite")
-    lmms.add_argument("--include-path", "--include_path", action="append", default=[], metavar="DIR",
-                      help="A folder of lmms-eval task YAML files to add to its own tasks (repeatable).")
-    lmms.add_argument("--task-identifier", "--task_identifier", default="auto",
-                      choices=("auto", "none", *TASK_IDENTIFIERS),
+    lmms.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                      help="A folder of lmms-eval task YAML files to add to its own tasks; repeatable (default: "
+                           "none).")
+    lmms.add_argument("--task-identifier", default="auto",
                       help="MiniGPT-v2's task identifier in lmms-eval prompts: auto ([caption] for captioning tasks, "
-                           "[vqa] otherwise; default), none, or one of vqa, caption, grounding, refer, detection, "
-                           "identify.")
+                           "[vqa] otherwise), none, or one of vqa, caption, grounding, refer, detection, identify "
+                           "(default: %(default)s).")
 
     card = parser.add_argument_group("model card")
-    card.add_argument("--update-card", "--update_card", action="store_true",
+    card.add_argument("--update-card", action="store_true",
                       help="Write the scores into the model card: MODEL/README.md for a folder, OUTPUT_DIR/README.md "
-                           "(from the Hub card) for a Hub id.")
-    card.add_argument("--push-to-hub", "--push_to_hub", metavar="REPO_ID", default=None,
-                      help="Upload the updated card as README.md of this Hub model repo (implies --update-card).")
+                           "(from the Hub card) for a Hub id (default: off).")
+    card.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                      help="Upload the updated card as README.md of this Hub model repo; implies --update-card "
+                           "(default: none).")
     args = parser.parse_args(argv)
 
     if args.suite == "lmms-eval":
         for flag, value in (("--data", args.data), ("--split", args.split), ("--column", args.column),
                             ("--image-root", args.image_root)):
             if value:
-                parser.error(f"{flag} is for --suite minigpt-v2; lmms-eval tasks name their own data.")
+                parser.error(f"{flag} is for --suite minigpt-v2; lmms-eval tasks name their own data")
     elif args.include_path:
-        parser.error("--include-path is for --suite lmms-eval.")
+        parser.error("--include-path is for --suite lmms-eval")
     if args.push_to_hub:
         args.update_card = True
     return args
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def per_task_values(items: list[str], task_names: list[str], flag: str) -> dict[str, str]:
@@ -119,6 +124,13 @@ def per_task_values(items: list[str], task_names: list[str], flag: str) -> dict[
         else:
             raise UserError(f"{flag} {item!r}: with several tasks write {flag} TASK=VALUE ({', '.join(task_names)}).")
     return values
+
+
+def check_task_identifier(choice: str) -> None:
+    from processing_minigpt4 import TASK_IDENTIFIERS
+
+    if choice not in ("auto", "none", *TASK_IDENTIFIERS):
+        raise UserError(f"--task-identifier {choice!r}: use auto, none or one of {', '.join(TASK_IDENTIFIERS)}.")
 
 
 def read_model_config(model: str):
@@ -282,6 +294,7 @@ def update_card(args, config, summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_model_path(args.model)
     config = read_model_config(args.model)
     variant = getattr(config, "variant", "vicuna0")
     check_same_model(args.output_dir, model_label(args.model))
@@ -289,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite == "minigpt-v2":
         prepared = prepare_minigpt_v2(args, variant)
     else:
+        check_task_identifier(args.task_identifier)
         from minigpt4_hf.lmms_eval_model import lmms_eval_tasks
 
         names = [name.strip() for name in args.tasks.split(",") if name.strip()]
@@ -296,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--tasks is empty; name lmms-eval tasks, e.g. --tasks mme,pope.")
         manager, task_names = lmms_eval_tasks(names, args.include_path)
 
-    model, processor = load_model_and_processor(args)
+    from minigpt4_hf.inference import load_model_and_processor
+
+    model, processor = load_model_and_processor(args.model, **model_loading_kwargs(args))
     if args.suite == "minigpt-v2":
         entries = run_minigpt_v2(args, prepared, model, processor)
     else:
@@ -313,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     """Console entry point `minigpt4-evaluate`."""
-    run_main(main, "minigpt4-evaluate")
+    run_main(main, PROG)
 
 
 if __name__ == "__main__":
