@@ -130,6 +130,13 @@ def test_a_box_task_on_a_model_that_cannot_ground_is_refused_before_loading_data
     assert "refcoco" in message and "'vicuna0'" in message and "no-such-data" not in message
 
 
+def test_the_lmms_eval_suite_without_lmms_eval_says_how_to_install_it(tiny_saved_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lmms_eval", None)  # as if it were not installed
+    message = bad_input(capsys, "--model", tiny_saved_dir, "--suite", "lmms-eval", "--tasks", "mme",
+                        "--output-dir", tmp_path / "out")
+    assert "pip install --no-deps 'lmms-eval==0.7.3'" in message
+
+
 def test_an_unreadable_reference_is_refused_before_the_model_loads(tiny_saved_dir, tmp_path, capsys, monkeypatch):
     import minigpt4_hf.inference
 
@@ -517,3 +524,22 @@ def test_update_card_and_push_to_hub_write_the_folder_card_and_upload_it(tiny_sa
     (upload,) = uploads
     assert upload["repo_id"] == "me/model" and upload["path_in_repo"] == "README.md"
     assert upload["path_or_fileobj"].decode("utf-8") == (model_dir / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_failed_upload_exits_1_and_keeps_the_scores_and_the_card(tiny_saved_dir, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def refuse(self, **kwargs):
+        raise OSError("the Hub cannot be reached")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_file", refuse)
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_saved_dir, model_dir)
+
+    status = run(model_dir, tmp_path / "out", "--suite", "minigpt-v2", "--tasks", "hm", "--data",
+                 saved_dataset(tmp_path / "data", rows=1), "--push-to-hub", "me/model")
+
+    assert status == 1
+    assert "the Hub cannot be reached" in capsys.readouterr().err
+    assert [r.dataset_name for r in ModelCard.load(model_dir / "README.md").data.eval_results] == ["Hateful Memes"]
+    assert "minigpt-v2/hm/test" in json.loads((tmp_path / "out" / "summary.json").read_text())["results"]

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from minigpt4_hf.cli.options import (
+    EXIT_FAILED,
     CommandLineParser,
     UserError,
     add_model_arguments,
@@ -131,6 +132,16 @@ def check_task_identifier(choice: str) -> None:
 
     if choice not in ("auto", "none", *TASK_IDENTIFIERS):
         raise UserError(f"--task-identifier {choice!r}: use auto, none or one of {', '.join(TASK_IDENTIFIERS)}.")
+
+
+def check_lmms_eval_installed() -> None:
+    try:
+        import lmms_eval  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "--suite lmms-eval needs lmms-eval: pip install --no-deps 'lmms-eval==0.7.3' && pip install "
+            "'minigpt4-hf[eval]' (its own requirements would replace torch; see docs/evaluation.md)."
+        ) from None
 
 
 def read_model_config(model: str):
@@ -266,7 +277,11 @@ def run_lmms(args, manager, task_names: list[str], model, processor) -> dict[str
     return entries
 
 
-def update_card(args, config, summary: dict) -> None:
+def update_card(args, config, summary: dict) -> int:
+    """
+    Writes the summary's scores into the model card (and uploads it with --push-to-hub). Returns the exit status: 1
+    when the Hub could not be reached (the scores stay in summary.json, the folder's card stays written).
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     from minigpt4_hf import evaluation
@@ -279,17 +294,24 @@ def update_card(args, config, summary: dict) -> None:
         card_path = args.output_dir / "README.md"
         try:
             card = ModelCard.load(args.model)
-        except Exception as error:  # noqa: BLE001 - any failure to fetch the Hub card is reported the same way
-            raise UserError(f"could not fetch the model card of {args.model} ({type(error).__name__}: {error}).")
+        except Exception as error:  # noqa: BLE001 (network, authentication, no card)
+            print(f"{PROG}: could not fetch the model card of {args.model} ({type(error).__name__}: {error}); the "
+                  f"scores are in {args.output_dir / evaluation.SUMMARY_FILE}.", file=sys.stderr)
+            return EXIT_FAILED
     if card is None:
         card = ModelCard(f"---\n{ModelCardData(library_name='transformers').to_yaml()}\n---\n\n# {folder.name}\n")
-    name = card.data.model_name or folder.name
-    evaluation.update_model_card(card, summary, evaluation.model_key(config), name)
+    evaluation.update_model_card(card, summary, evaluation.model_key(config), card.data.model_name or folder.name)
     write_text_atomically(card_path, str(card))
     print(f"Wrote the scores into {card_path}.", file=sys.stderr)
     if args.push_to_hub:
-        url = evaluation.push_card(str(card), args.push_to_hub)
+        try:
+            url = evaluation.push_card(str(card), args.push_to_hub)
+        except Exception as error:  # noqa: BLE001 (network, authentication, permissions)
+            print(f"{PROG}: --push-to-hub {args.push_to_hub}: the upload failed ({type(error).__name__}: {error}). "
+                  f"Retry with `hf upload {args.push_to_hub} {card_path} README.md`.", file=sys.stderr)
+            return EXIT_FAILED
         print(f"Pushed the card to {args.push_to_hub}: {url}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare_minigpt_v2(args, variant)
     else:
         check_task_identifier(args.task_identifier)
+        check_lmms_eval_installed()
         from minigpt4_hf.lmms_eval_model import lmms_eval_tasks
 
         names = [name.strip() for name in args.tasks.split(",") if name.strip()]
@@ -322,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = update_summary(args.output_dir, model_label(args.model), entries)
     print(f"Wrote {args.output_dir / 'summary.json'}.", file=sys.stderr)
-    if args.update_card:
-        update_card(args, config, summary)
-    return 0
+    return update_card(args, config, summary) if args.update_card else 0
 
 
 def cli() -> None:
