@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minigpt4_hf.files import atomic_path, write_text_atomically
-from minigpt4_hf.inputs import InputError
+from minigpt4_hf.inputs import InputError, looks_like_hub_id
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -198,8 +198,8 @@ def load_benchmark_dataset(source: str, split: str | None = None):
             loaded = datasets.load_dataset(builder, data_files={split or "test": str(path)})
         elif path.is_dir():
             loaded = datasets.load_dataset(str(path))
-        elif path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
-            raise InputError(f"--data {source}: no such folder or file.")
+        elif not looks_like_hub_id(source):
+            raise InputError(f"--data {source}: no such folder or file, and not a Hub dataset id (owner/name).")
         else:
             loaded = datasets.load_dataset(source)
     except InputError:
@@ -220,8 +220,7 @@ def load_benchmark_dataset(source: str, split: str | None = None):
 
 def dataset_type_for(source: str, default: str) -> str:
     """The `model-index` dataset id of a data source: the source when it is a Hub id, else the benchmark's usual id."""
-    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", source or "") is not None
-    return source if looks_like_hub_id and not Path(source).exists() else default
+    return source if looks_like_hub_id(source or "") and not Path(source).exists() else default
 
 
 def parse_column_mapping(items: Iterable[str], tasks: Sequence[BenchmarkTask]) -> dict[str, dict[str, str]]:

@@ -124,6 +124,12 @@ def test_a_dataset_without_the_needed_columns_names_them_and_the_column_flag(tin
     assert not (tmp_path / "out").exists()
 
 
+def test_missing_data_is_one_line_naming_the_flag(tiny_saved_dir, tmp_path, capsys):
+    message = bad_input(capsys, "--model", tiny_saved_dir, "--suite", "minigpt-v2", "--tasks", "gqa",
+                        "--data", tmp_path / "missing", "--output-dir", tmp_path / "out")
+    assert "--data" in message and "no such folder or file" in message
+
+
 def test_a_box_task_on_a_model_that_cannot_ground_is_refused_before_loading_data(tiny_saved_dir, tmp_path, capsys):
     message = bad_input(capsys, "--model", tiny_saved_dir, "--suite", "minigpt-v2", "--tasks", "refcoco",
                         "--data", tmp_path / "no-such-data", "--output-dir", tmp_path / "out")

@@ -211,11 +211,10 @@ def prepare_minigpt_v2(args, variant: str) -> list:
         source = sources[task.name]
         dataset = evaluation.load_benchmark_dataset(source, splits.get(task.name))
         evaluation.check_columns(task, dataset.column_names, mappings[task.name], source)
-        image_root = args.image_root or (str(Path(source).parent if Path(source).is_file() else Path(source))
-                                         if Path(source).exists() else None)
         run = evaluation.TaskRun(
-            task=task, split=splits.get(task.name) or dataset.split and str(dataset.split) or "test",
-            mapping=mappings[task.name], variant=variant, box_format=args.box_format, image_root=image_root,
+            task=task, split=splits.get(task.name) or str(dataset.split or "test"),
+            mapping=mappings[task.name], variant=variant, box_format=args.box_format,
+            image_root=args.image_root or default_image_root(source),
             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or evaluation.DEFAULT_MAX_NEW_TOKENS,
             limit=args.limit,
         )
@@ -223,6 +222,14 @@ def prepare_minigpt_v2(args, variant: str) -> list:
         check_same_settings(settings_path(args.output_dir, run), run_settings(run))
         prepared.append((run, dataset, items, evaluation.dataset_type_for(source, task.dataset_type)))
     return prepared
+
+
+def default_image_root(source: str) -> str | None:
+    """Where relative image paths of local data are read: the data file's folder, or the data folder."""
+    path = Path(source)
+    if path.is_file():
+        return str(path.parent)
+    return str(path) if path.is_dir() else None
 
 
 def run_settings(run) -> dict:
