@@ -51,8 +51,8 @@ setup(
         # minigpt4-evaluate (docs/evaluation.md). lmms-eval itself is NOT listed: its requirements would replace
         # torch and others, so install it first without them, `pip install --no-deps lmms-eval==0.7.3`; these are
         # the packages it needs for the runs here (none of them changes an installed version).
-        "eval": ["pycocoevalcap>=1.2", "loguru>=0.7", "sacrebleu>=2.4", "evaluate>=0.4", "tenacity>=8.3",
-                 "pyyaml>=6"],
+        "eval": ["datasets>=4.0", "pycocoevalcap>=1.2", "loguru>=0.7", "sacrebleu>=2.4", "evaluate>=0.4",
+                 "tenacity>=8.3", "pyyaml>=6"],
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",
