@@ -239,7 +239,9 @@ def parse_column_mapping(items: Iterable[str], tasks: Sequence[BenchmarkTask]) -
             raise InputError(f"--column {item!r}: task {scope} is not among --tasks.")
         known = {"image", "id"} | {column_name for task in targets for column_name in task.columns}
         if name not in known:
-            raise InputError(f"--column {item!r}: {name!r} is not a column these tasks read ({', '.join(sorted(known))}).")
+            raise InputError(
+                f"--column {item!r}: {name!r} is not a column these tasks read ({', '.join(sorted(known))})."
+            )
         for task in targets:
             if name in ("image", "id") or name in task.columns:
                 mapping[task.name][name] = column
@@ -375,18 +377,19 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     humans = [normalize(answer) for answer in answers]
     if len(humans) < 2:
         return float(bool(humans) and predicted == humans[0])
-    scores = [min(1.0, sum(other == predicted for other in humans[:i] + humans[i + 1:]) / 3) for i in range(len(humans))]
+    scores = [min(1.0, sum(other == predicted for other in humans[:i] + humans[i + 1:]) / 3)
+              for i in range(len(humans))]
     return sum(scores) / len(scores)
 
 
 def minigptv2_vizwiz_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """`eval_vqa.py`'s VizWiz score: min(1, answers equal to the prediction, case-insensitive, / 3), no normalisation."""
+    """`eval_vqa.py`'s VizWiz score: min(1, answers equal to the prediction (case-insensitive) / 3), unnormalised."""
     predicted = clean_answer(prediction).lower()
     return min(sum(answer.lower() == predicted for answer in answers) / 3.0, 1.0)
 
 
 def box_iou(box: Sequence[float], other: Sequence[float]) -> float:
-    """IoU of two `[x1, y1, x2, y2]` boxes with the +1 pixel convention of `computeIoU` (minigpt4/common/eval_utils.py)."""
+    """IoU of two `[x1, y1, x2, y2]` boxes, +1 pixel convention of `computeIoU` (minigpt4/common/eval_utils.py)."""
     x1, y1, x2, y2 = box
     x3, y3, x4, y4 = other
     intersection = max(0.0, min(x2, x4) - max(x1, x3) + 1) * max(0.0, min(y2, y4) - max(y1, y3) + 1)
@@ -501,7 +504,8 @@ def score_task(task: BenchmarkTask, records: list[dict], processor=None, caption
     else:
         metrics["accuracy"] = 100 * sum(row["score"] for row in rows) / len(rows)
         if task.name == "vizwiz":
-            metrics["accuracy_minigptv2_script"] = 100 * sum(row.get("minigptv2_script_score", 0.0) for row in rows) / len(rows)
+            script_scores = [row.get("minigptv2_script_score", 0.0) for row in rows]
+            metrics["accuracy_minigptv2_script"] = 100 * sum(script_scores) / len(rows)
     return {"metrics": metrics, "rows": rows}
 
 
@@ -509,19 +513,14 @@ def score_task(task: BenchmarkTask, records: list[dict], processor=None, caption
 # Running a model over a benchmark.
 
 
-def answer_end_text(processor) -> str:
+def answer_end_text(model, processor) -> str:
     """
-    What ends an assistant answer in the processor's chat template (`###` for MiniGPT-4 v1), or the tokenizer's EOS
-    text when the template writes nothing after it: the original's `end_sym`, appended to each choice when ranking.
+    The text that ends an answer: the model's first stop sequence (`###` for MiniGPT-4 v1, `</s>` for MiniGPT-4 with
+    Llama-2 and MiniGPT-v2), the original's `end_sym`, appended to each choice when ranking.
     """
-    marker = "\u2063ANSWER\u2063"
-    rendered = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "text", "text": "Q"}]},
-         {"role": "assistant", "content": [{"type": "text", "text": marker}]}],
-        add_generation_prompt=False,
-    )
-    after = rendered.split(marker, 1)[1] if marker in rendered else ""
-    return after.strip() or (processor.tokenizer.eos_token or "")
+    stops = model.config.stop_token_ids
+    text = processor.tokenizer.decode(stops[0]).strip() if stops else ""
+    return text or (processor.tokenizer.eos_token or "")
 
 
 def generation_prompt(processor, message: dict) -> str:
@@ -556,13 +555,16 @@ def continuation_log_likelihoods(
                 for row in range(len(prompts))]
 
 
-def rank_choices(model, processor, image, prompt: str, choices: Sequence[str], end_text: str) -> tuple[int, list[float]]:
+def rank_choices(
+    model, processor, image, prompt: str, choices: Sequence[str], end_text: str
+) -> tuple[int, list[float]]:
     """
     `MiniGPTBase.multi_select`: each choice (+ the answer end) scored by its loss after the prompt; returns the index
     of the most likely choice and each choice's negative log-likelihood (summed over its tokens).
     """
     scored = continuation_log_likelihoods(
-        model, processor, [[image]] * len(choices), [prompt] * len(choices), [f"{choice}{end_text}" for choice in choices]
+        model, processor, [[image]] * len(choices), [prompt] * len(choices),
+        [f"{choice}{end_text}" for choice in choices],
     )
     losses = [-log_prob for log_prob, _ in scored]
     return min(range(len(choices)), key=losses.__getitem__), losses
@@ -660,7 +662,7 @@ def predict_items(model, processor, dataset, items: list[Item], run: TaskRun) ->
     if not readable:
         return records
     if run.task.ranks_choices:
-        end_text = answer_end_text(processor)
+        end_text = answer_end_text(model, processor)
         for (record, item), image, prompt in zip(readable, images, prompts):
             choices = choice_list(item.fields["choices"])
             chosen, losses = rank_choices(model, processor, image, prompt, choices, end_text)
@@ -842,7 +844,8 @@ def results_table(eval_results: Sequence, key: str) -> str:
         ours = result.metric_value * (reference.measured_scale if reference else 1.0)
         lines.append(
             f"| {result.dataset_name} | {result.dataset_split or '-'} | {result.metric_name or result.metric_type} | "
-            f"{ours:.2f} | {f'{reference.value:.2f}' if reference else '-'} | {reference.source if reference else '-'} |"
+            f"{ours:.2f} | {f'{reference.value:.2f}' if reference else '-'} | "
+            f"{reference.source if reference else '-'} |"
         )
     return "\n".join(lines)
 

@@ -77,7 +77,8 @@ def jsonl_dataset(folder: Path, rows: int = 3) -> Path:
     lines = []
     for index, image in enumerate(images(rows)):
         image.save(folder / f"img{index}.png")
-        lines.append({"file": f"img{index}.png", "sentence": [f"the thing number {index}", "the other one"], "bbox": [5, 4, 30, 20],
+        lines.append({"file": f"img{index}.png", "sentence": [f"the thing number {index}", "the other one"],
+                      "bbox": [5, 4, 30, 20],
                       "question": "is it blue?", "answers": [{"answer": "yes", "answer_id": k} for k in range(10)],
                       "caption": "the box is left of the circle", "label": "true", "choices": ["yes", "no"],
                       "answer": "yes"})
@@ -241,6 +242,13 @@ def test_resuming_with_other_settings_is_refused(tiny_saved_dir, tmp_path, capsy
     capsys.readouterr()
     message = bad_input(capsys, *flags, "--max-new-tokens", "4")
     assert "max_new_tokens 2 -> 4" in message
+
+
+@pytest.mark.parametrize("variant, end", [("vicuna0", "###"), ("v2", "</s>")])
+def test_choices_are_ranked_with_the_originals_answer_end(variant, end):
+    model, processor = build_random_model("tiny", variant=variant)
+
+    assert evaluation.answer_end_text(model, processor) == end  # `end_sym` of each original config
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -173,8 +173,8 @@ def check_same_settings(path: Path, settings: dict) -> None:
     if path.exists():
         previous = json.loads(path.read_text(encoding="utf-8"))
         if previous != settings:
-            changed = ", ".join(f"{key} {previous.get(key)!r} -> {settings.get(key)!r}"
-                                for key in sorted(set(previous) | set(settings)) if previous.get(key) != settings.get(key))
+            keys = sorted(key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key))
+            changed = ", ".join(f"{key} {previous.get(key)!r} -> {settings.get(key)!r}" for key in keys)
             raise UserError(
                 f"{path.parent} holds predictions made with other settings ({changed}); use another --output-dir, "
                 f"or delete {path.name.removesuffix('.settings.json')}.jsonl and {path.name} there to start over."
