@@ -7,7 +7,7 @@ MiniGPT-v2's own protocol (its prompts, greedy decoding, its answer clean-up and
     minigpt4-evaluate --model PATH_OR_ID --suite minigpt-v2 --tasks refcoco --data refcoco=DATASET --split val \\
         --column expression=sentence --output-dir eval/
     minigpt4-evaluate --model PATH_OR_ID --suite minigpt-v2 --tasks okvqa,gqa \\
-        --data okvqa=lmms-lab/OK-VQA --data gqa=GQA_FOLDER --output-dir eval/ --update-card
+        --data okvqa=lmms-lab-encoder/OK-VQA --data gqa=GQA_FOLDER --output-dir eval/ --update-card
 
 lmms-eval benchmarks, run in this process through MiniGPT-4's lmms-eval model (its result files are kept under
 OUTPUT_DIR/lmms-eval/):
