@@ -10,7 +10,12 @@ DEMO = ["gradio>=6,<7", "psutil>=5.9"]
 DATA = ["datasets>=4.0"]
 BENCHMARK = ["matplotlib>=3.8"]
 QUANTIZATION = ["bitsandbytes>=0.45", "accelerate>=1.10"]
-ALL = sorted(set(TRAIN + CONVERT + DEMO + DATA + BENCHMARK))
+# minigpt4-evaluate (docs/evaluation.md). lmms-eval itself is not listed: its requirements would replace torch and
+# others, so install it first without them, `pip install --no-deps lmms-eval==0.7.3`; these are the packages it needs
+# for the runs here (none of them changes an installed version).
+EVAL = ["datasets>=4.0", "pycocoevalcap>=1.2", "loguru>=0.7", "sacrebleu>=2.4", "evaluate>=0.4", "tenacity>=8.3",
+        "pyyaml>=6"]
+ALL = sorted(set(TRAIN + CONVERT + DEMO + DATA + BENCHMARK + EVAL))
 
 setup(
     name="minigpt4-hf",
@@ -36,6 +41,7 @@ setup(
             "minigpt4-benchmark = minigpt4_hf.cli.benchmark:cli",
             "minigpt4-benchmark-conversion = minigpt4_hf.cli.benchmark_conversion:cli",
             "minigpt4-check-transformers = minigpt4_hf.cli.check_transformers_versions:cli",
+            "minigpt4-evaluate = minigpt4_hf.cli.evaluate:cli",
         ]
     },
     # What loading a model and generating with it needs (minigpt4-chat, -caption, -quickstart and the library's
@@ -65,6 +71,8 @@ setup(
         "data": DATA,
         # minigpt4-benchmark: the PNG of tokens/s against batch size.
         "benchmark": BENCHMARK,
+        # minigpt4-evaluate: datasets and the scorers (lmms-eval goes in with --no-deps, see EVAL).
+        "eval": EVAL,
         # --load-in-8bit / --load-in-4bit (NVIDIA GPU with CUDA) and --device-map of chat, caption, demo, the builder.
         "quantization": QUANTIZATION,
         # Everything that runs on any machine (the CUDA-only quantization extra is left to `quantization`).

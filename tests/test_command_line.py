@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 
 from conftest import REPO_ROOT
-from minigpt4_hf.cli import build_stage2_data, caption, chat, convert, demo, quickstart, train
+from minigpt4_hf.cli import build_stage2_data, caption, chat, convert, demo, evaluate, quickstart, train
 from minigpt4_hf.cli import benchmark as benchmark_cli
 from minigpt4_hf.random_models import EXAMPLE_IMAGE
 
@@ -30,10 +30,12 @@ TOOLS = {  # console entry point -> module in minigpt4_hf.cli
     "minigpt4-demo": "demo",
     "minigpt4-build-stage2-data": "build_stage2_data",
     "minigpt4-benchmark": "benchmark",
+    "minigpt4-evaluate": "evaluate",
 }
 MAINS = {"minigpt4-quickstart": quickstart.main, "minigpt4-convert": convert.main, "minigpt4-train": train.main,
          "minigpt4-chat": chat.main, "minigpt4-caption": caption.main, "minigpt4-demo": demo.main,
-         "minigpt4-build-stage2-data": build_stage2_data.main, "minigpt4-benchmark": benchmark_cli.main}
+         "minigpt4-build-stage2-data": build_stage2_data.main, "minigpt4-benchmark": benchmark_cli.main,
+         "minigpt4-evaluate": evaluate.main}
 HEAVY_PACKAGES = ("torch", "transformers", "datasets", "gradio", "peft", "accelerate")
 HELP_PROBE = """
 import runpy, sys
