@@ -18,6 +18,7 @@ import torch
 from conftest import REPO_ROOT
 from minigpt4_hf.cli import build_stage2_data, caption, chat, convert, demo, evaluate, quickstart, train
 from minigpt4_hf.cli import benchmark as benchmark_cli
+from minigpt4_hf.cli import benchmark_conversion, demo_load_test
 from minigpt4_hf.random_models import EXAMPLE_IMAGE
 
 
@@ -31,11 +32,14 @@ TOOLS = {  # console entry point -> module in minigpt4_hf.cli
     "minigpt4-build-stage2-data": "build_stage2_data",
     "minigpt4-benchmark": "benchmark",
     "minigpt4-evaluate": "evaluate",
+    "minigpt4-demo-load-test": "demo_load_test",
+    "minigpt4-benchmark-conversion": "benchmark_conversion",
 }
 MAINS = {"minigpt4-quickstart": quickstart.main, "minigpt4-convert": convert.main, "minigpt4-train": train.main,
          "minigpt4-chat": chat.main, "minigpt4-caption": caption.main, "minigpt4-demo": demo.main,
          "minigpt4-build-stage2-data": build_stage2_data.main, "minigpt4-benchmark": benchmark_cli.main,
-         "minigpt4-evaluate": evaluate.main}
+         "minigpt4-evaluate": evaluate.main, "minigpt4-demo-load-test": demo_load_test.main,
+         "minigpt4-benchmark-conversion": benchmark_conversion.main}
 HEAVY_PACKAGES = ("torch", "transformers", "datasets", "gradio", "peft", "accelerate")
 HELP_PROBE = """
 import runpy, sys
