@@ -1,9 +1,11 @@
 """MiniGPT-4 as a transformers model (Zhu et al., 2023, arXiv:2304.10592).
 
-Data path: pixels -> `vision_model` (EVA ViT-g/14 + `ln_vision`) -> `qformer` (learned `query_tokens` cross-attending
-to the image) -> `language_projection` (`llama_proj` in `minigpt4/models/mini_gpt4.py@22d8888`) -> image features,
-which replace the image placeholder tokens of the prompt -> `language_model` (Vicuna / LLaMA, without its head) ->
-`lm_head`.
+Data path: pixels -> `vision_model` (EVA ViT-g/14 + `ln_vision`) -> bridge -> `language_projection` (`llama_proj` in
+`minigpt4/models/mini_gpt4.py@22d8888`) -> image features, which replace the image placeholder tokens of the prompt ->
+`language_model` (Vicuna / LLaMA, without its head) -> `lm_head`. The bridge is the `qformer` (learned `query_tokens`
+cross-attending to the image; MiniGPT-4 with Vicuna) or, with `config.use_qformer=False`, the token merge of MiniGPT-4
+with Llama-2 and MiniGPT-v2: class token dropped, every `vision_token_merge` consecutive patch tokens concatenated
+(`minigpt4/models/minigpt_v2.py@d94738a`, `encode_img`).
 
 The layout is transformers' VLM layout (as `LlavaForConditionalGeneration`): [`MiniGPT4Model`] holds everything but
 the output head and returns hidden states; [`MiniGPT4ForConditionalGeneration`] is `model` + `lm_head`. Inside `model`
@@ -39,14 +41,17 @@ class MiniGPT4ImageFeaturesOutput(BaseModelOutputWithPooling):
     Output of [`MiniGPT4Model.get_image_features`].
 
     last_hidden_state (`torch.FloatTensor` of shape `(num_images, num_patches + 1, vision_hidden_size)`):
-        ViT output after `ln_vision` (what the Q-Former cross-attends to).
-    pooler_output (`torch.FloatTensor` of shape `(num_images, num_query_tokens, text_hidden_size)`):
+        ViT output after `ln_vision` (what the bridge reads).
+    pooler_output (`torch.FloatTensor` of shape `(num_images, num_image_tokens, text_hidden_size)`):
         Projected image features, the soft tokens that replace the image placeholders.
     qformer_last_hidden_state (`torch.FloatTensor` of shape `(num_images, num_query_tokens, qformer_hidden_size)`):
-        Q-Former output before the projection.
+        Q-Former output before the projection (`config.use_qformer=True`).
+    merged_patch_embeds (`torch.FloatTensor` of shape `(num_images, num_image_tokens, merge * vision_hidden_size)`):
+        Concatenated patch tokens before the projection (`config.use_qformer=False`).
     """
 
     qformer_last_hidden_state: torch.FloatTensor | None = None
+    merged_patch_embeds: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -58,7 +63,7 @@ class MiniGPT4ModelOutputWithPast(ModelOutput):
         The language model's key/value cache (also reachable as `past_key_values`).
     hidden_states, attentions:
         The language model's, when requested.
-    image_features (`torch.FloatTensor` of shape `(num_images, num_query_tokens, text_hidden_size)`):
+    image_features (`torch.FloatTensor` of shape `(num_images, num_image_tokens, text_hidden_size)`):
         The projected image features spliced into the prompt, when images were given.
     """
 
@@ -84,7 +89,7 @@ class MiniGPT4CausalLMOutputWithPast(ModelOutput):
         The language model's key/value cache (also reachable as `past_key_values`).
     hidden_states, attentions:
         The language model's, when requested.
-    image_features (`torch.FloatTensor` of shape `(num_images, num_query_tokens, text_hidden_size)`):
+    image_features (`torch.FloatTensor` of shape `(num_images, num_image_tokens, text_hidden_size)`):
         The projected image features spliced into the prompt, when images were given.
     """
 
@@ -164,7 +169,7 @@ class MiniGPT4PreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, MiniGPT4Model):
+        if isinstance(module, MiniGPT4Model) and module.query_tokens is not None:
             init.normal_(module.query_tokens, mean=0.0, std=std)
         elif isinstance(module, Blip2VisionEmbeddings):
             init.trunc_normal_(module.position_embedding, mean=0.0, std=std)
@@ -194,8 +199,9 @@ class MiniGPT4PreTrainedModel(PreTrainedModel):
 
 class MiniGPT4Model(MiniGPT4PreTrainedModel):
     """
-    MiniGPT-4 without the output head: BLIP-2's ViT and Q-Former, the trained projection, and the language model's
-    decoder. Returns the decoder's hidden states.
+    MiniGPT-4 without the output head: BLIP-2's ViT, a bridge (the Q-Former, or the merge of 4 consecutive patch
+    tokens of MiniGPT-4 with Llama-2 and MiniGPT-v2), the trained projection, and the language model's decoder.
+    Returns the decoder's hidden states.
     """
 
     def __init__(self, config: MiniGPT4Config):
@@ -204,10 +210,18 @@ class MiniGPT4Model(MiniGPT4PreTrainedModel):
         # `ln_vision` of the original (`minigpt4/models/blip2.py@22d8888`) is the ViT's post-layernorm; its eps
         # differs from the ViT blocks' (see `vision_layernorm_eps`).
         self.vision_model.post_layernorm.eps = config.vision_layernorm_eps
-        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
-        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+        if config.use_qformer:
+            self.query_tokens = nn.Parameter(
+                torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size)
+            )
+            self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+            projection_in_features = config.qformer_config.hidden_size
+        else:  # the token-merge bridge has no weights
+            self.query_tokens = None
+            self.qformer = None
+            projection_in_features = config.vision_token_merge * config.vision_config.hidden_size
         # `llama_proj` in `minigpt4/models/mini_gpt4.py@22d8888`.
-        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        self.language_projection = nn.Linear(projection_in_features, config.text_config.hidden_size)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
         self.apply_freezing()
@@ -228,8 +242,9 @@ class MiniGPT4Model(MiniGPT4PreTrainedModel):
         freeze_qformer = config.freeze_qformer if freeze_qformer is None else freeze_qformer
         freeze_language_model = config.freeze_language_model if freeze_language_model is None else freeze_language_model
         self.vision_model.requires_grad_(not freeze_vision_model)
-        self.qformer.requires_grad_(not freeze_qformer)
-        self.query_tokens.requires_grad_(not freeze_qformer)
+        if self.qformer is not None:
+            self.qformer.requires_grad_(not freeze_qformer)
+            self.query_tokens.requires_grad_(not freeze_qformer)
         self.language_model.requires_grad_(not freeze_language_model)
         self.language_projection.requires_grad_(True)
 
@@ -253,7 +268,7 @@ class MiniGPT4Model(MiniGPT4PreTrainedModel):
         self, pixel_values: torch.FloatTensor, return_dict: bool = False, **kwargs
     ) -> torch.FloatTensor | MiniGPT4ImageFeaturesOutput:
         """
-        Encodes images into the language model's input space: ViT -> `ln_vision` -> Q-Former -> projection.
+        Encodes images into the language model's input space: ViT -> `ln_vision` -> bridge -> projection.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(num_images, 3, image_size, image_size)`):
@@ -262,32 +277,57 @@ class MiniGPT4Model(MiniGPT4PreTrainedModel):
                 Return a [`MiniGPT4ImageFeaturesOutput`] (with the intermediate outputs) instead of the tensor.
 
         Returns:
-            `torch.FloatTensor` of shape `(num_images, num_query_tokens, text_hidden_size)`: the projected features.
+            `torch.FloatTensor` of shape `(num_images, num_image_tokens, text_hidden_size)`: the projected features.
         """
         # The frozen parts before the projection need no autograd graph (unless a caller wants pixel gradients).
         track_vision = (
             not self.frozen_encoders_without_grad or _requires_grad(self.vision_model) or pixel_values.requires_grad
         )
-        track_qformer = track_vision or _requires_grad(self.qformer) or self.query_tokens.requires_grad
-
         with torch.set_grad_enabled(torch.is_grad_enabled() and track_vision):
             image_embeds = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
-        with torch.set_grad_enabled(torch.is_grad_enabled() and track_qformer):
-            image_attention_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-            query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-            query_output = self.qformer(
-                query_embeds=query_tokens,
-                encoder_hidden_states=image_embeds,
-                encoder_attention_mask=image_attention_mask,
-                return_dict=True,
-            ).last_hidden_state
-        image_features = self.language_projection(query_output.to(self.language_projection.weight.dtype))
+        if self.config.use_qformer:
+            track_qformer = track_vision or _requires_grad(self.qformer) or self.query_tokens.requires_grad
+            with torch.set_grad_enabled(torch.is_grad_enabled() and track_qformer):
+                bridged = self.query_image_embeds(image_embeds)
+        else:
+            bridged = self.merge_patch_embeds(image_embeds)
+        image_features = self.language_projection(bridged.to(self.language_projection.weight.dtype))
 
         if not return_dict:
             return image_features
         return MiniGPT4ImageFeaturesOutput(
-            last_hidden_state=image_embeds, pooler_output=image_features, qformer_last_hidden_state=query_output
+            last_hidden_state=image_embeds,
+            pooler_output=image_features,
+            qformer_last_hidden_state=bridged if self.config.use_qformer else None,
+            merged_patch_embeds=None if self.config.use_qformer else bridged,
         )
+
+    def query_image_embeds(self, image_embeds: torch.FloatTensor) -> torch.FloatTensor:
+        """
+        The Q-Former bridge: the learned queries cross-attend to every ViT token.
+
+        `(num_images, num_patches + 1, vision_hidden_size) -> (num_images, num_query_tokens, qformer_hidden_size)`.
+        """
+        image_attention_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(
+            query_embeds=query_tokens,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_attention_mask,
+            return_dict=True,
+        ).last_hidden_state
+
+    def merge_patch_embeds(self, image_embeds: torch.FloatTensor) -> torch.FloatTensor:
+        """
+        The bridge without Q-Former: drops the class token and concatenates every `vision_token_merge` consecutive
+        patch tokens along the features (raster order, so a 1 x N horizontal strip; a reshape, not a 2-D pooling).
+
+        `(num_images, num_patches + 1, vision_hidden_size)` ->
+        `(num_images, num_image_tokens, vision_token_merge * vision_hidden_size)`.
+        """
+        patch_embeds = image_embeds[:, 1:, :]
+        num_images, _, width = patch_embeds.shape
+        return patch_embeds.reshape(num_images, -1, self.config.vision_token_merge * width)
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.FloatTensor, image_features: torch.FloatTensor
@@ -298,18 +338,18 @@ class MiniGPT4Model(MiniGPT4PreTrainedModel):
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`)
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, text_hidden_size)`)
-            image_features (`torch.FloatTensor` of shape `(num_images, num_query_tokens, text_hidden_size)`)
+            image_features (`torch.FloatTensor` of shape `(num_images, num_image_tokens, text_hidden_size)`)
 
         Returns:
             `torch.BoolTensor` of shape `(batch_size, sequence_length, 1)`, broadcastable to `inputs_embeds`.
         """
         image_mask = input_ids == self.config.image_token_id
         num_image_tokens = int(image_mask.sum())
-        num_images, num_query_tokens = image_features.shape[:2]
-        if num_image_tokens != num_images * num_query_tokens:
+        num_images, tokens_per_image = image_features.shape[:2]
+        if num_image_tokens != num_images * tokens_per_image:
             raise ValueError(
                 f"The input has {num_image_tokens} image tokens (id {self.config.image_token_id}), i.e. "
-                f"{num_image_tokens / num_query_tokens:g} image(s) of {num_query_tokens} tokens, but {num_images} "
+                f"{num_image_tokens / tokens_per_image:g} image(s) of {tokens_per_image} tokens, but {num_images} "
                 "image(s) were given. Build the inputs with MiniGPT4Processor, one <ImageHere> per image."
             )
         return image_mask.unsqueeze(-1).to(inputs_embeds.device)
@@ -342,7 +382,8 @@ class MiniGPT4Model(MiniGPT4PreTrainedModel):
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-                Prompt ids in which each image is a run of `num_query_tokens` ids equal to `config.image_token_id`
+                Prompt ids in which each image is a run of `config.num_image_tokens` ids equal to
+                `config.image_token_id`
                 (as [`MiniGPT4Processor`] builds them).
             pixel_values (`torch.FloatTensor` of shape `(num_images, 3, image_size, image_size)`, *optional*):
                 The images, in the order their placeholders appear (row by row, left to right).
@@ -434,11 +475,11 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         return self.model.vision_model
 
     @property
-    def query_tokens(self) -> nn.Parameter:
+    def query_tokens(self) -> nn.Parameter | None:
         return self.model.query_tokens
 
     @property
-    def qformer(self) -> Blip2QFormerModel:
+    def qformer(self) -> Blip2QFormerModel | None:
         return self.model.qformer
 
     @property

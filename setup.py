@@ -22,6 +22,7 @@ setup(
             "minigpt4-chat = minigpt4_hf.cli.chat:cli",
             "minigpt4-caption = minigpt4_hf.cli.caption:cli",
             "minigpt4-demo = minigpt4_hf.cli.demo:cli",
+            "minigpt4-demo-load-test = minigpt4_hf.cli.demo_load_test:cli",
             "minigpt4-build-stage2-data = minigpt4_hf.cli.build_stage2_data:cli",
             "minigpt4-benchmark = minigpt4_hf.cli.benchmark:cli",
         ]
@@ -43,7 +44,8 @@ setup(
         # jinja2 renders the model card (huggingface_hub's ModelCard.from_template).
         "convert": ["sentencepiece>=0.2", "protobuf>=4", "jinja2>=3.1"],
         # scripts/demo.py (Gradio 6 chat messages). gradio 6 pins pillow<13.
-        "demo": ["gradio>=6,<7"],
+        # (gradio_client, which gradio brings, and psutil drive and measure scripts/demo_load_test.py.)
+        "demo": ["gradio>=6,<7", "psutil>=5.9"],
         # --load-in-8bit / --load-in-4bit of scripts/chat.py, caption.py, demo.py (NVIDIA GPU with CUDA).
         "quantization": ["bitsandbytes>=0.45"],
         "benchmark": ["matplotlib>=3.8"],
@@ -54,6 +56,7 @@ setup(
             "protobuf>=4",
             # tests/test_demo.py drives the demo in Debian's chromium (apt-get install chromium).
             "gradio>=6,<7",
+            "psutil>=5.9",
             "playwright>=1.40",
             # tests/test_benchmark.py runs scripts/benchmark.py, which plots tokens/s against batch size.
             "matplotlib>=3.8",

@@ -10,6 +10,13 @@ The original model is put together from four sources (facts sheet §2.4):
 
 A transformers BLIP-2 checkpoint (`Blip2ForConditionalGeneration`) can stand in for the first two.
 
+The later releases need no BLIP-2 file: MiniGPT-4 with Llama-2 (`pretrained_minigpt4_llama2_7b.pth`) holds a
+`llama_proj` of 4 x ViT width inputs, and MiniGPT-v2 (`minigptv2_checkpoint.pth`) also LoRA tensors for the language
+model (`llama_model.base_model.model.model.layers.{i}.self_attn.{q,v}_proj.lora_{A,B}.weight`). Which family a file is
+follows from those shapes and keys (`detect_variant`); MiniGPT-v2's position embeddings are resized to 448 px once,
+here, as the original did at every load (`interpolate_position_embedding`); the LoRA is merged into the weights or
+written as a PEFT adapter (`plan_lora`).
+
 Nothing is read into memory before it is written: the files are opened memory-mapped (or lazily, for safetensors),
 the key mapping and the configuration are worked out from names and shapes alone, checked against the model built on
 the meta device, and the tensors are then materialised one output shard at a time.
@@ -167,10 +174,14 @@ KINDS = {
     ),
     "projection": InputKind(
         flag="--projection-checkpoint",
-        description="a MiniGPT-4 projection checkpoint (pretrained_minigpt4.pth: {'model': {'llama_proj.weight', "
-        "'llama_proj.bias'}})",
+        description="a MiniGPT-4 / MiniGPT-v2 checkpoint (pretrained_minigpt4.pth, pretrained_minigpt4_llama2_7b.pth, "
+        "minigptv2_checkpoint.pth: {'model': {'llama_proj.weight', 'llama_proj.bias', LoRA tensors}})",
         looks_like=_has_prefix("llama_proj."),
-        rules=(RenameRule("llama_proj.{param}", "model.language_projection.{param}"),),
+        rules=(
+            RenameRule("llama_proj.{param}", "model.language_projection.{param}"),
+            # Not in the released files (ln_vision is frozen, and frozen weights are not saved), used if present.
+            RenameRule("ln_vision.{param}", "model.vision_model.post_layernorm.{param}"),
+        ),
     ),
     "blip2": InputKind(
         flag="--blip2",
@@ -600,17 +611,20 @@ def derive_config(
     text_config: dict,
     overrides: dict,
     base: dict | None = None,
+    variant: str = "vicuna0",
     **fields,
 ) -> MiniGPT4Config:
     """
     Builds the MiniGPT4Config: sizes from the tensors' shapes, head counts and the rest from `base` (the defaults, or
-    a BLIP-2 checkpoint's config) and `overrides` (which win). Also drops ViT blocks beyond the configured depth.
+    a BLIP-2 checkpoint's config) and `overrides` (which win). Also drops ViT blocks beyond the configured depth and
+    resizes the position embeddings to the image size the variant runs at.
 
     Args:
         plan: the mapped tensors.
         text_config: the language model's config (`config.json` of the LLM folder) as a dict.
         overrides: `--config-overrides`.
         base: `{"vision_config": {...}, "qformer_config": {...}, "num_query_tokens": n}` defaults.
+        variant: the released family (see `detect_variant`): `"vicuna0"` has the Q-Former, the others merge tokens.
         fields: further MiniGPT4Config fields (`image_token_id`, `stop_token_ids`).
     """
     defaults = MiniGPT4Config()
@@ -619,22 +633,23 @@ def derive_config(
     qformer = _deep_update(defaults.qformer_config.to_dict(), base.get("qformer_config", {}))
     vision_overrides = overrides.get("vision_config", {})
     qformer_overrides = overrides.get("qformer_config", {})
+    use_qformer = variant == "vicuna0"
+    merge = overrides.get("vision_token_merge", defaults.vision_token_merge)
 
-    # ViT: width, patch, image size, MLP width, depth.
+    # ViT: width, patch, image size (the variant's, or the file's), MLP width, depth.
     position_shape = plan.shape("model.vision_model.embeddings.position_embedding")  # (1, 1 + grid**2, width)
     patch_shape = plan.shape("model.vision_model.embeddings.patch_embedding.weight")  # (width, 3, patch, patch)
     width, patch_size = position_shape[-1], patch_shape[-1]
-    grid = math.isqrt(position_shape[1] - 1)
-    if grid * grid != position_shape[1] - 1:
-        source = plan.tensors["model.vision_model.embeddings.position_embedding"].describe()
-        raise ConversionError(f"{source} has shape {list(position_shape)}: not 1 + a square grid of positions.")
+    file_image_size = math.isqrt(position_shape[1] - 1) * patch_size
+    image_size = vision_overrides.get("image_size", VARIANT_IMAGE_SIZES.get(variant, file_image_size))
+    plan_position_embedding(plan, image_size)
     available_layers = plan.layer_indices("model.vision_model.encoder.layers")
     if not available_layers:
         raise ConversionError(plan.missing_message(["model.vision_model.encoder.layers.0.mlp.fc1.weight"]))
     vision.update(
         hidden_size=width,
         patch_size=patch_size,
-        image_size=grid * patch_size,
+        image_size=image_size,
         intermediate_size=plan.shape("model.vision_model.encoder.layers.0.mlp.fc1.weight")[0],
         qkv_bias=True,
     )
@@ -647,7 +662,59 @@ def derive_config(
     vision["num_hidden_layers"] = depth
     plan.drop_vision_layers_from(depth)
 
-    # Q-Former: width, queries, depth, FFN width, cross-attention layers and the width they attend to.
+    bridge_fields = {"variant": variant, "use_qformer": use_qformer}
+    if use_qformer:
+        qformer, bridge_fields["num_query_tokens"] = _derive_qformer_config(plan, qformer, width)
+        bridge_width, bridge = qformer["hidden_size"], f"the Q-Former has width {qformer['hidden_size']}"
+    else:
+        bridge_fields["vision_token_merge"] = merge
+        bridge_width, bridge = merge * width, f"{merge} merged ViT tokens of width {width} give {merge * width}"
+
+    # Projection (llama_proj): bridge width -> language-model width.
+    projection_shape = plan.shape("model.language_projection.weight")  # (text_width, bridge_width)
+    projection_source = plan.tensors["model.language_projection.weight"].describe()
+    if projection_shape[1] != bridge_width:
+        raise ConversionError(
+            f"{projection_source} has shape {list(projection_shape)}: it takes features of width "
+            f"{projection_shape[1]}, but {bridge} ({variant})."
+        )
+    text_width = text_config.get("hidden_size")
+    if projection_shape[0] != text_width:
+        raise ConversionError(
+            f"{projection_source} has shape {list(projection_shape)}: it maps to width {projection_shape[0]}, but "
+            f"the language model in --llm has hidden size {text_width}. "
+            + ("The projection was trained for another Vicuna size (5120 = 13B, 4096 = 7B: pretrained_minigpt4.pth "
+               "goes with Vicuna-13B v0, prerained_minigpt4_7b.pth with Vicuna-7B v0); pass the matching pair."
+               if use_qformer else
+               "The projection was trained for Llama-2-7B-chat (hidden size 4096); pass that language model.")
+        )
+
+    merged = {
+        "vision_config": _deep_update(vision, vision_overrides),
+        "qformer_config": _deep_update(qformer, qformer_overrides),
+        "text_config": _deep_update(text_config, overrides.get("text_config", {})),
+        **bridge_fields,
+        **fields,
+    }
+    merged.update({key: value for key, value in overrides.items() if not key.endswith("_config")})
+    parts = [("vision_config", merged["vision_config"])] + ([("qformer_config", merged["qformer_config"])]
+                                                            if use_qformer else [])
+    for name, part in parts:
+        heads = part.get("num_attention_heads")
+        if not heads or part["hidden_size"] % heads:
+            raise ConversionError(
+                f"The {name.split('_')[0]} width {part['hidden_size']} is not divisible by {heads} attention heads "
+                f"(the default). Head counts cannot be read from the weights: pass --config-overrides with "
+                f'{{"{name}": {{"num_attention_heads": N}}}}.'
+            )
+    try:
+        return MiniGPT4Config(**merged)
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"Invalid configuration (check --config-overrides): {error}") from None
+
+
+def _derive_qformer_config(plan: ConversionPlan, qformer: dict, vision_width: int) -> tuple[dict, int]:
+    """The Q-Former's width, depth, FFN width and cross-attention layers from the shapes; and the number of queries."""
     query_shape = plan.shape("model.query_tokens")  # (1, num_query_tokens, qformer_width)
     qformer_layers = plan.layer_indices("model.qformer.encoder.layer")
     if not qformer_layers:
@@ -663,7 +730,8 @@ def derive_config(
             f"The Q-Former has cross-attention in layers {cross_layers} of {len(qformer_layers)}, which is not "
             "every n-th layer starting at 0; the files are not a BLIP-2 Q-Former."
         )
-    qformer.update(
+    qformer = dict(
+        qformer,
         hidden_size=query_shape[-1],
         num_hidden_layers=len(qformer_layers),
         intermediate_size=plan.shape("model.qformer.encoder.layer.0.intermediate_query.dense.weight")[0],
@@ -671,51 +739,308 @@ def derive_config(
     )
     if cross_layers:
         cross_key = f"model.qformer.encoder.layer.{cross_layers[0]}.crossattention.attention.key.weight"
-        if plan.shape(cross_key)[1] != width:
+        if plan.shape(cross_key)[1] != vision_width:
             raise ConversionError(
                 f"{plan.tensors[cross_key].describe()} has shape {list(plan.shape(cross_key))}: the Q-Former "
                 f"attends to image features of width {plan.shape(cross_key)[1]}, but the ViT "
                 f"({plan.tensors['model.vision_model.embeddings.position_embedding'].sources[0].origin}) has width "
-                f"{width}. The two files do not belong together."
+                f"{vision_width}. The two files do not belong together."
             )
+    return qformer, query_shape[1]
 
-    # Projection (llama_proj): Q-Former width -> language-model width.
-    projection_shape = plan.shape("model.language_projection.weight")  # (text_width, qformer_width)
-    projection_source = plan.tensors["model.language_projection.weight"].describe()
-    if projection_shape[1] != qformer["hidden_size"]:
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The released families: which one a checkpoint is, and what each needs beyond renaming.
+
+# The image size a family runs at when it differs from the ViT file's 224 px (`minigpt4/configs/models/
+# minigpt_v2.yaml@d94738a`: image_size 448).
+VARIANT_IMAGE_SIZES = {"v2": 448}
+# LoRA of the released MiniGPT-v2 (`minigpt4/models/minigpt_v2.py@d94738a`): the rank is in the tensors' shapes, the
+# alpha is not; dropout only mattered in training.
+RELEASED_LORA_ALPHA = 16
+RELEASED_LORA_DROPOUT = 0.05
+# Vocabulary sizes of the released language models: Vicuna v0 = LLaMA's 32000 + "[PAD]"; Llama-2-chat = 32000.
+VICUNA_V0_VOCABULARY = 32001
+LLAMA2_VOCABULARY = 32000
+
+# `<module>.lora_A.weight` as peft 0.2.0 saved it, `<module>.lora_A.default.weight` as peft >= 0.3 does; `<module>`
+# under MiniGPT's `llama_model.` and peft's `base_model.model.` prefixes.
+_LORA_KEY = re.compile(
+    r"^(?:llama_model\.)?(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[\w-]+))?\.weight$"
+)
+
+
+def split_lora_tensors(checkpoint: InputFile) -> dict[str, SourceTensor]:
+    """Takes every LoRA tensor (a key with `lora_`) out of the checkpoint's tensors and returns them by key."""
+    lora = {key: source for key, source in checkpoint.tensors.items() if "lora_" in key}
+    for key in lora:
+        del checkpoint.tensors[key]
+    return lora
+
+
+def detect_variant(plan: ConversionPlan, has_lora: bool, requested: str | None = None, merge: int = 4) -> str:
+    """
+    Which released family the projection belongs to, from its input width: the Q-Former's (768) -> `"vicuna0"`;
+    `merge` x the ViT width (4 x 1408 = 5632) -> `"llama2"`, or `"v2"` when the checkpoint has LoRA tensors.
+    `requested` (`--variant`) picks the family itself, but must fit the projection.
+    """
+    projection_shape = plan.shape("model.language_projection.weight")  # (text_width, bridge_width)
+    vit_width = plan.shape("model.vision_model.embeddings.position_embedding")[-1]
+    qformer_width = plan.shape("model.query_tokens")[-1] if "model.query_tokens" in plan.tensors else 768
+    in_features = projection_shape[1]
+    if in_features == merge * vit_width:
+        detected = "v2" if has_lora else "llama2"
+    elif in_features == qformer_width:
+        detected = "vicuna0"
+    else:
         raise ConversionError(
-            f"{projection_source} has shape {list(projection_shape)}: it takes Q-Former features of width "
-            f"{projection_shape[1]}, but the Q-Former has width {qformer['hidden_size']}."
+            f"{plan.tensors['model.language_projection.weight'].describe()} has shape {list(projection_shape)}: its "
+            f"input width {in_features} fits no MiniGPT bridge: neither the Q-Former width {qformer_width} (MiniGPT-4 "
+            f"with Vicuna) nor {merge} x the ViT width {vit_width} = {merge * vit_width} (MiniGPT-4 with Llama-2, "
+            "MiniGPT-v2). The projection and the ViT file do not belong together"
+            + ("." if "model.query_tokens" in plan.tensors else
+               ", or it is MiniGPT-4 with Vicuna with a Q-Former of another width: pass --qformer-checkpoint too.")
         )
-    text_width = text_config.get("hidden_size")
-    if projection_shape[0] != text_width:
+    if requested is None:
+        return detected
+    if (requested == "vicuna0") != (detected == "vicuna0"):
         raise ConversionError(
-            f"{projection_source} has shape {list(projection_shape)}: it maps to width {projection_shape[0]}, but "
-            f"the language model in --llm has hidden size {text_width}. The projection was trained for another "
-            "Vicuna size (5120 = 13B, 4096 = 7B: pretrained_minigpt4.pth goes with Vicuna-13B v0, "
-            "prerained_minigpt4_7b.pth with Vicuna-7B v0); pass the matching pair."
+            f"--variant {requested} does not fit {plan.tensors['model.language_projection.weight'].describe()}: its "
+            f"shape {list(projection_shape)} is the projection of "
+            + ("MiniGPT-4 with Vicuna (after the Q-Former)." if detected == "vicuna0" else
+               "MiniGPT-4 with Llama-2 / MiniGPT-v2 (merged ViT tokens).")
+        )
+    return requested
+
+
+def check_vocabulary_fits_variant(vocabulary: int, variant: str, llm_dir: Path) -> None:
+    """Refuses the released language models crossed: Llama-2 (32000) with Vicuna v0's projection, and vice versa."""
+    if variant == "vicuna0" and vocabulary == LLAMA2_VOCABULARY:
+        raise ConversionError(
+            f"--llm {llm_dir}: the tokenizer has {vocabulary} tokens, the vocabulary of Llama-2 / Vicuna v1.1 and "
+            f"later, but the projection checkpoint is MiniGPT-4 with Vicuna v0, whose vocabulary is "
+            f"{VICUNA_V0_VOCABULARY} (LLaMA's 32000 + '[PAD]'). Pass the Vicuna v0 weights with their tokenizer, or "
+            "the Llama-2 projection (pretrained_minigpt4_llama2_7b.pth) for this model."
+        )
+    if variant != "vicuna0" and vocabulary == VICUNA_V0_VOCABULARY:
+        raise ConversionError(
+            f"--llm {llm_dir}: the tokenizer has {vocabulary} tokens, the vocabulary of Vicuna v0, but the projection "
+            f"checkpoint is MiniGPT-4 with Llama-2 / MiniGPT-v2 (--variant {variant}), trained with "
+            f"Llama-2-7B-chat ({LLAMA2_VOCABULARY} tokens). Pass meta-llama/Llama-2-7b-chat-hf."
         )
 
-    merged = {
-        "vision_config": _deep_update(vision, vision_overrides),
-        "qformer_config": _deep_update(qformer, qformer_overrides),
-        "text_config": _deep_update(text_config, overrides.get("text_config", {})),
-        "num_query_tokens": query_shape[1],
-        **fields,
-    }
-    merged.update({key: value for key, value in overrides.items() if not key.endswith("_config")})
-    for name, part in (("vision_config", merged["vision_config"]), ("qformer_config", merged["qformer_config"])):
-        heads = part.get("num_attention_heads")
-        if not heads or part["hidden_size"] % heads:
+
+def drop_qformer_parts(plan: ConversionPlan) -> None:
+    """
+    Without the Q-Former (MiniGPT-4 with Llama-2, MiniGPT-v2) the BLIP-2 file's Q-Former, queries and `ln_vision` are
+    not used: the original never loads `ln_vision` then (`minigpt4/models/minigpt4.py@d94738a`, `has_qformer`).
+    """
+    for name in list(plan.tensors):
+        target = plan.tensors[name]
+        origin = target.sources[0].origin
+        from_blip2 = origin.startswith((KINDS["qformer"].flag, KINDS["blip2"].flag))
+        unused = name.startswith(("model.qformer.", "model.query_tokens")) or (
+            name.startswith("model.vision_model.post_layernorm.") and from_blip2
+        )
+        if unused:
+            plan.tensors.pop(name)
+            plan.ignored.append((origin, target.sources[0].key, "no Q-Former and no BLIP-2 ln_vision in this variant"))
+
+
+def plan_default_layernorm(plan: ConversionPlan) -> None:
+    """`ln_vision` as the original has it without the Q-Former: `nn.LayerNorm`'s initial weight 1 and bias 0."""
+    width = plan.shape("model.vision_model.embeddings.position_embedding")[-1]
+    added = []
+    for parameter, fill in (("weight", torch.ones), ("bias", torch.zeros)):
+        name = f"model.vision_model.post_layernorm.{parameter}"
+        if name not in plan.tensors:
+            source = SourceTensor("nn.LayerNorm's initialisation", f"ln_vision.{parameter}", (width,),
+                                  functools.partial(fill, width))
+            plan.tensors[name] = TargetTensor((source,), (width,))
+            added.append(parameter)
+    if added:
+        plan.notes.append(
+            "ln_vision (vision_model.post_layernorm): weight 1, bias 0, eps 1e-5, as in the original, which never "
+            "loads it without the Q-Former."
+        )
+
+
+def interpolate_position_embedding(position_embedding: torch.Tensor, grid: int) -> torch.Tensor:
+    """
+    `(1, 1 + g * g, width) -> (1, 1 + grid * grid, width)`, float32: the patch positions resized as a `g x g` image
+    (bicubic, `align_corners=False`), the class token's kept, exactly as the original's `interpolate_pos_embed`
+    (`minigpt4/models/eva_vit.py@d94738a`) did to `eva_vit_g.pth` at every MiniGPT-v2 load.
+    """
+    position_embedding = position_embedding.float()
+    width = position_embedding.shape[-1]
+    old_grid = math.isqrt(position_embedding.shape[1] - 1)
+    patches = position_embedding[:, 1:].reshape(1, old_grid, old_grid, width).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([position_embedding[:, :1], patches.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+def plan_position_embedding(plan: ConversionPlan, image_size: int) -> None:
+    """Resizes the planned ViT position embeddings to `image_size` (nothing to do when the file has that size)."""
+    name = "model.vision_model.embeddings.position_embedding"
+    plan.shape(name)  # raises naming the missing key
+    target = plan.tensors[name]
+    positions, width = target.shape[1], target.shape[-1]
+    patch_size = plan.shape("model.vision_model.embeddings.patch_embedding.weight")[-1]
+    old_grid = math.isqrt(positions - 1)
+    if old_grid * old_grid != positions - 1:
+        raise ConversionError(
+            f"{target.describe()} has shape {list(target.shape)}: not 1 + a square grid of positions, so the ViT "
+            f"cannot run at {image_size} px (its position embeddings cannot be resized to a {image_size}-px grid)."
+        )
+    if image_size % patch_size:
+        raise ConversionError(
+            f"Image size {image_size} is not a multiple of the ViT's {patch_size}-px patches "
+            f"({plan.tensors['model.vision_model.embeddings.patch_embedding.weight'].describe()}); check "
+            "--config-overrides vision_config.image_size."
+        )
+    grid = image_size // patch_size
+    if grid == old_grid:
+        return
+    if target.combine is not None:
+        raise ConversionError(f"{target.describe()}: the position embeddings are already computed from several keys.")
+    plan.tensors[name] = TargetTensor(
+        target.sources, (1, 1 + grid * grid, width), functools.partial(interpolate_position_embedding, grid=grid)
+    )
+    plan.notes.append(
+        f"{target.describe()}: position embeddings resized from {old_grid}x{old_grid} to {grid}x{grid} for "
+        f"{image_size}-px images (bicubic, in float32, class token kept, as the original did at load)."
+    )
+
+
+@dataclass
+class LoraPlan:
+    """The LoRA of a checkpoint: rank (from the shapes), alpha (given), and per model weight its `(A, B)` tensors."""
+
+    rank: int
+    alpha: float
+    modules: dict[str, tuple[SourceTensor, SourceTensor]]
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def target_modules(self) -> list[str]:
+        """The adapted modules' own names (`q_proj`, `v_proj`), as PEFT's `target_modules`."""
+        return sorted({name.removesuffix(".weight").rsplit(".", 1)[-1] for name in self.modules})
+
+    def adapter_tensors(self) -> dict[str, TargetTensor]:
+        """The tensors of a PEFT adapter for the converted model: `base_model.model.<module>.lora_{A,B}.weight`."""
+        tensors = {}
+        for name, (lora_a, lora_b) in self.modules.items():
+            module = name.removesuffix(".weight")
+            tensors[f"base_model.model.{module}.lora_A.weight"] = TargetTensor((lora_a,), lora_a.shape)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = TargetTensor((lora_b,), lora_b.shape)
+        return tensors
+
+    def adapter_config(self) -> dict:
+        """`LoraConfig` arguments of the released adapter (`minigpt4/models/base_model.py@d94738a`, `init_llm`)."""
+        return {
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": RELEASED_LORA_DROPOUT,
+            "target_modules": self.target_modules,
+            "bias": "none",
+        }
+
+
+def plan_lora(plan: ConversionPlan, lora_tensors: dict[str, SourceTensor], alpha: float) -> LoraPlan | None:
+    """
+    Matches every LoRA tensor to a weight of the planned language model, checking pairs, rank and shapes; every
+    tensor must be consumed (the original loaded them with `strict=False`, so a name mismatch silently dropped the
+    LoRA). Returns `None` without LoRA tensors.
+    """
+    if not lora_tensors:
+        return None
+    pairs: dict[str, dict[str, SourceTensor]] = {}
+    for key, source in lora_tensors.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
             raise ConversionError(
-                f"The {name.split('_')[0]} width {part['hidden_size']} is not divisible by {heads} attention heads "
-                f"(the default). Head counts cannot be read from the weights: pass --config-overrides with "
-                f'{{"{name}": {{"num_attention_heads": N}}}}.'
+                f"{source.origin}: key {key!r} is a LoRA tensor but not '<module>.lora_A.weight' / "
+                "'<module>.lora_B.weight' (peft's names, optionally with '.default'); it cannot be used."
             )
-    try:
-        return MiniGPT4Config(**merged)
-    except (TypeError, ValueError) as error:
-        raise ConversionError(f"Invalid configuration (check --config-overrides): {error}") from None
+        target = KINDS["llm"].target_of(match["module"] + ".weight")
+        if target not in plan.tensors:
+            raise ConversionError(_unmatched_lora_message(plan, key, source, match["module"]))
+        pairs.setdefault(target, {})[match["part"]] = source
+    modules, ranks = {}, set()
+    for target, parts in pairs.items():
+        if set(parts) != {"A", "B"}:
+            present = next(iter(parts.values()))
+            missing = "B" if "A" in parts else "A"
+            raise ConversionError(
+                f"{present.origin}: key {present.key!r} has no lora_{missing} partner; the checkpoint is incomplete."
+            )
+        lora_a, lora_b = parts["A"], parts["B"]
+        weight = plan.tensors[target]
+        out_features, in_features = weight.shape
+        rank = lora_a.shape[0]
+        if lora_a.shape != (rank, in_features) or lora_b.shape != (out_features, rank):
+            raise ConversionError(
+                f"{lora_a.origin}: keys {lora_a.key!r} {list(lora_a.shape)} and {lora_b.key!r} "
+                f"{list(lora_b.shape)} do not fit {weight.describe()} {list(weight.shape)}: a LoRA of rank r needs "
+                f"[r, {in_features}] and [{out_features}, r]. The LoRA belongs to another language-model size."
+            )
+        ranks.add(rank)
+        modules[target] = (lora_a, lora_b)
+    if len(ranks) > 1:
+        raise ConversionError(
+            f"{next(iter(lora_tensors.values())).origin}: the LoRA tensors have different ranks {sorted(ranks)}; "
+            "one adapter has one rank."
+        )
+    return LoraPlan(rank=ranks.pop(), alpha=alpha, modules=modules)
+
+
+def _unmatched_lora_message(plan: ConversionPlan, key: str, source: SourceTensor, module: str) -> str:
+    layer = re.search(r"(^|\.)layers\.(\d+)\.", module)
+    if layer:
+        first_layer = KINDS["llm"].target_of(module[: layer.start(2)] + "0" + module[layer.end(2):] + ".weight")
+        if first_layer in plan.tensors:
+            prefix = first_layer[: first_layer.index(".layers.") + len(".layers")]
+            count = len(plan.layer_indices(prefix))
+            return (
+                f"{source.origin}: key {key!r} is LoRA for layer {layer.group(2)}, but the language model in --llm "
+                f"has {count} layers (0-{count - 1}). The checkpoint belongs to a language model of another size."
+            )
+    return (
+        f"{source.origin}: key {key!r} matches no layer of the language model in --llm (no weight "
+        f"'{module}.weight'). Every LoRA tensor must be used: is the checkpoint for another model?"
+    )
+
+
+def merge_lora_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`W + scaling * B @ A` in float32: peft's LoRA forward (`W x + B A x * alpha / r`) folded into the weight."""
+    return weight.float() + scaling * (lora_b.float() @ lora_a.float())
+
+
+def plan_lora_merge(plan: ConversionPlan, lora: LoraPlan) -> None:
+    """Replaces each adapted weight of the plan by its LoRA-merged value (computed in float32 when written)."""
+    for name, (lora_a, lora_b) in lora.modules.items():
+        weight = plan.tensors[name]
+        plan.tensors[name] = TargetTensor(
+            (weight.sources[0], lora_a, lora_b), weight.shape,
+            functools.partial(merge_lora_weight, scaling=lora.scaling),
+        )
+    plan.notes.append(
+        f"LoRA (rank {lora.rank}, alpha {lora.alpha:g}, scaling {lora.scaling:g}) merged into {len(lora.modules)} "
+        f"weights of the language model ({', '.join(lora.target_modules)}), in float32."
+    )
+
+
+def save_lora_adapter(lora: LoraPlan, folder: Path, dtype: torch.dtype) -> None:
+    """Writes `lora` as a standard PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`)."""
+    from peft import LoraConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    LoraConfig(**lora.adapter_config()).save_pretrained(folder)
+    tensors = {name: target.materialize(dtype) for name, target in lora.adapter_tensors().items()}
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

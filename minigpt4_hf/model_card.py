@@ -27,6 +27,15 @@ ORIGINAL_CHAT_DEFAULTS = {
     "min_length": 1,
 }
 
+# The chat defaults of each released family's demo. MiniGPT-4 with Llama-2 was released with the same `Chat` as
+# Vicuna v0 (`minigpt4/conversation/conversation.py@ef1ac08`); MiniGPT-v2's demo samples at temperature 0.6 with up to
+# 500 new tokens and repetition_penalty 1.05 (`demo_v2.py@d94738a`).
+GENERATION_DEFAULTS = {
+    "vicuna0": ORIGINAL_CHAT_DEFAULTS,
+    "llama2": ORIGINAL_CHAT_DEFAULTS,
+    "v2": {**ORIGINAL_CHAT_DEFAULTS, "max_new_tokens": 500, "temperature": 0.6, "repetition_penalty": 1.05},
+}
+
 # LLM widths of the released MiniGPT-4 (Vicuna v0) checkpoints -> their names and Hub ids.
 KNOWN_LANGUAGE_MODELS = {
     4096: ("Vicuna-7B v0", "lmsys/vicuna-7b-delta-v0"),
@@ -163,10 +172,10 @@ def record_inputs(flag: str, paths: list[Path]) -> list[InputRecord]:
     return [InputRecord(flag, Path(path), Path(path).stat().st_size, sha256_of_file(path)) for path in paths]
 
 
-def original_generation_config(tokenizer) -> GenerationConfig:
-    """The original chat's generation defaults, with the tokenizer's special-token ids."""
+def original_generation_config(tokenizer, variant: str = "vicuna0") -> GenerationConfig:
+    """The generation defaults of the variant's original demo, with the tokenizer's special-token ids."""
     return GenerationConfig(
-        **ORIGINAL_CHAT_DEFAULTS,
+        **GENERATION_DEFAULTS[variant],
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -216,8 +225,33 @@ def _count(parameter_counts: dict[str, int], prefix: str | tuple[str, ...]) -> s
     return f"{total / 1e6:,.1f} M" if total >= 1e5 else f"{total:,}"
 
 
+def _projection_in_features(config: MiniGPT4Config) -> int:
+    if config.use_qformer:
+        return config.qformer_config.hidden_size
+    return config.vision_token_merge * config.vision_config.hidden_size
+
+
+def _bridge_row(config: MiniGPT4Config, parameter_counts: dict[str, int]) -> tuple[str, str, str]:
+    """The part between the ViT and the projection: the Q-Former, or the merge of consecutive patch tokens."""
+    if not config.use_qformer:
+        return (
+            "token merge",
+            "`encode_img` (no Q-Former)",
+            f"class token dropped, every {config.vision_token_merge} consecutive patch tokens concatenated: "
+            f"{config.num_image_tokens} image tokens; no weights",
+        )
+    qformer = config.qformer_config
+    return (
+        "Q-Former",
+        "`Qformer.bert` -> `qformer`, `query_tokens`",
+        f"{qformer.num_hidden_layers} layers, width {qformer.hidden_size}, {qformer.num_attention_heads} heads, "
+        f"cross-attention every {qformer.cross_attention_frequency} layers, {config.num_query_tokens} queries; "
+        f"{_count(parameter_counts, 'model.qformer.')} parameters",
+    )
+
+
 def architecture_rows(config: MiniGPT4Config, parameter_counts: dict[str, int]) -> list[tuple[str, str, str]]:
-    vision, qformer, text = config.vision_config, config.qformer_config, config.text_config
+    vision, text = config.vision_config, config.text_config
     grid = vision.image_size // vision.patch_size
     return [
         ("image", "-", f"{vision.image_size} px, {vision.patch_size} px patches: {grid}x{grid} + 1 class token"),
@@ -229,17 +263,12 @@ def architecture_rows(config: MiniGPT4Config, parameter_counts: dict[str, int]) 
             f"{_count(parameter_counts, 'model.vision_model.')} parameters",
         ),
         ("ln_vision", "`ln_vision` -> `vision_model.post_layernorm`", f"LayerNorm, eps {config.vision_layernorm_eps}"),
-        (
-            "Q-Former",
-            "`Qformer.bert` -> `qformer`, `query_tokens`",
-            f"{qformer.num_hidden_layers} layers, width {qformer.hidden_size}, {qformer.num_attention_heads} heads, "
-            f"cross-attention every {qformer.cross_attention_frequency} layers, {config.num_query_tokens} queries; "
-            f"{_count(parameter_counts, 'model.qformer.')} parameters",
-        ),
+        _bridge_row(config, parameter_counts),
         (
             "projection",
             "`llama_proj` -> `language_projection`",
-            f"Linear {qformer.hidden_size} -> {text.hidden_size} (the only part MiniGPT-4 trained)",
+            f"Linear {_projection_in_features(config)} -> {text.hidden_size} "
+            + ("(trained together with the LoRA)" if config.variant == "v2" else "(the only part MiniGPT-4 trained)"),
         ),
         (
             "language model",
@@ -278,9 +307,9 @@ def build_model_card(
         card_data,
         template_str=CARD_TEMPLATE,
         model_name=model_name,
-        num_query_tokens=config.num_query_tokens,
+        num_query_tokens=config.num_image_tokens,
         usage_snippet=usage_snippet(model_id),
-        generation_defaults=", ".join(f"{key} {value}" for key, value in ORIGINAL_CHAT_DEFAULTS.items()),
+        generation_defaults=", ".join(f"{key} {value}" for key, value in GENERATION_DEFAULTS[config.variant].items()),
         architecture=architecture_rows(config, parameter_counts),
         image_token_id=config.image_token_id,
         stop_token_ids=config.stop_token_ids,

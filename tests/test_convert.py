@@ -565,7 +565,7 @@ def test_full_size_13b_projection_with_7b_vicuna_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Bad input: a clear message naming file and key, exit code 1, nothing left in the output's parent folder.
+# Bad input: a clear message naming file and key, exit code 2, nothing left in the output's parent folder.
 
 
 @pytest.fixture
@@ -576,7 +576,7 @@ def output_parent(tmp_path):
 
 
 def assert_refused(argv, output_parent, capsys, *fragments) -> str:
-    assert convert_main(argv) == 1
+    assert convert_main(argv) == 2
     message = capsys.readouterr().err
     for fragment in fragments:
         assert fragment in message, message
@@ -643,7 +643,7 @@ def test_existing_output_folder_is_refused_without_overwrite(tmp_path, capsys):
     output_dir = tmp_path / "out"
     output_dir.mkdir()
     (output_dir / "keep.txt").write_text("mine")
-    assert convert_main(fixture_argv(output_dir)) == 1
+    assert convert_main(fixture_argv(output_dir)) == 2
     assert f"--output-dir {output_dir} exists; pass --overwrite to replace it." in capsys.readouterr().err
     assert [path.name for path in output_dir.iterdir()] == ["keep.txt"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]

@@ -5,11 +5,13 @@ Caption (or ask one question about) many images with MiniGPT-4, in left-padded b
     python scripts/caption.py --model PATH_OR_ID --images photos/ --output captions.jsonl
     python scripts/caption.py --model PATH_OR_ID --images 'photos/**/*.jpg' --output captions.jsonl \
         --prompt "What is unusual about this image?" --batch-size 16
+    python scripts/caption.py --model PATH_OR_ID --images photos/ --output answers.jsonl --prompt-file question.txt
 
 Writes one JSON line per image: {"image", "prompt", "answer", "generation"}, or "error" instead of "answer" when the
 image cannot be read. Each batch is appended whole and synced to disk, so Ctrl-C (or a crash) loses nothing already
 written, and running the same command again skips the images that the output already has.
 
+A prompt that cannot fit the model's context with one image and --max-new-tokens is refused before any image.
 Generation is greedy by default (reproducible, independent of the batch size and order); --sample samples with the
 original chat's settings (top-p 0.9, temperature 1.0).
 """
@@ -30,6 +32,7 @@ from minigpt4_hf.inference import (
     add_generation_arguments,
     add_model_arguments,
     answer_batch,
+    check_question_fits,
     generation_kwargs_from_args,
     load_model_and_processor,
     run_main,
@@ -52,7 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--images", required=True, help="A folder (its image files), one image file, or a quoted glob ('a/**/*.png')."
     )
     parser.add_argument("--output", required=True, help="The JSON Lines file to append to (created if missing).")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"The question for every image ({DEFAULT_PROMPT!r}).")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"The question for every image ({DEFAULT_PROMPT!r}).")
+    prompt.add_argument(
+        "--prompt-file", help="Read the question for every image from this UTF-8 file (long or multi-line prompts)."
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="Images per generate() call (default 8).")
     parser.add_argument(
         "--retry-errors", action="store_true", help="Try again the images whose only line in --output is an error."
@@ -61,6 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as file:
+                args.prompt = file.read().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            parser.error(f"--prompt-file {args.prompt_file}: cannot read it ({error})")
+        if not args.prompt:
+            parser.error(f"--prompt-file {args.prompt_file} is empty")
     if not args.prompt.strip():
         parser.error("--prompt is empty")
     return args
@@ -180,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     model, processor = load_model_and_processor(args)
+    try:
+        check_question_fits(model, processor, args.prompt, args.max_new_tokens)
+    except ValueError as error:
+        raise UserError(f"{'--prompt-file ' + args.prompt_file if args.prompt_file else '--prompt'}: {error}") from None
     seed_if_asked(args)
     generation_kwargs = generation_kwargs_from_args(args)
     generation = {**generation_kwargs, "seed": args.seed}

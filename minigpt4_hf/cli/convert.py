@@ -9,7 +9,17 @@ Converts the original MiniGPT-4 checkpoints into one Hub-ready folder that loads
         --projection-checkpoint pretrained_minigpt4.pth \\
         --output-dir minigpt4-vicuna-13b
 
-`--blip2 Salesforce/blip2-flan-t5-xxl` (or a local BLIP-2 folder) replaces the first two files. The output holds
+`--blip2 Salesforce/blip2-flan-t5-xxl` (or a local BLIP-2 folder) replaces the first two files. MiniGPT-4 with
+Llama-2 and MiniGPT-v2 need no Q-Former file:
+
+    python scripts/convert_original_checkpoint.py \\
+        --vit-checkpoint eva_vit_g.pth \\
+        --llm Llama-2-7b-chat-hf/ \\
+        --projection-checkpoint minigptv2_checkpoint.pth \\
+        --output-dir minigpt-v2
+
+The family (`--variant vicuna0|llama2|v2`) is read from the projection checkpoint; MiniGPT-v2's LoRA is merged into
+the language model (`--lora merge`) or written as a PEFT adapter into `adapter/` (`--lora adapter`). The output holds
 `config.json` (with `auto_map`), `generation_config.json` (the original chat defaults), sharded safetensors, the
 processor and tokenizer (with the chat template), the three code files and a model card (`README.md`). It is written
 into a temporary folder next to `--output-dir` and renamed at the end, so a failed run leaves nothing behind.
@@ -30,11 +40,20 @@ from minigpt4_hf.model_card import build_model_card, default_base_models, origin
 from minigpt4_hf.conversion import (
     BLIP2_KEPT_PREFIXES,
     KINDS,
+    RELEASED_LORA_ALPHA,
     ConversionError,
     check_against_model,
+    check_vocabulary_fits_variant,
     derive_config,
+    detect_variant,
     download_blip2_parts,
+    drop_qformer_parts,
     plan_conversion,
+    plan_default_layernorm,
+    plan_lora,
+    plan_lora_merge,
+    save_lora_adapter,
+    split_lora_tensors,
     read_config_overrides,
     read_torch_checkpoint,
     read_transformers_weights,
@@ -47,32 +66,56 @@ from transformers import AutoConfig, AutoTokenizer
 import configuration_minigpt4
 import modeling_minigpt4
 import processing_minigpt4
-from processing_minigpt4 import MiniGPT4Processor, sentencepiece_faithful_tokenizer, stop_token_ids_for
+from configuration_minigpt4 import VARIANTS
+from processing_minigpt4 import (
+    CHAT_TEMPLATES,
+    MiniGPT4Processor,
+    sentencepiece_faithful_tokenizer,
+    variant_stop_token_ids,
+)
 
 
+PROG = "minigpt4-convert"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The PEFT adapter's folder inside --output-dir (`--lora adapter`).
+ADAPTER_DIR = "adapter"
 CODE_MODULES = (configuration_minigpt4, modeling_minigpt4, processing_minigpt4)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Convert the original MiniGPT-4 checkpoints into one transformers / Hub folder.",
+        prog=PROG,
+        description="Convert the original MiniGPT-4 / MiniGPT-v2 checkpoints into one transformers / Hub folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sources = parser.add_argument_group("inputs")
     sources.add_argument("--vit-checkpoint", help="eva_vit_g.pth (LAVIS EVA ViT-g, bare keys)")
     sources.add_argument(
-        "--qformer-checkpoint", help="blip2_pretrained_flant5xxl.pth ({'model': {Qformer.bert.*, query_tokens, ...}})"
+        "--qformer-checkpoint", help="blip2_pretrained_flant5xxl.pth ({'model': {Qformer.bert.*, query_tokens, ...}}); "
+        "MiniGPT-4 with Vicuna only (MiniGPT-4 with Llama-2 and MiniGPT-v2 have no Q-Former)"
     )
     sources.add_argument(
         "--blip2", metavar="PATH_OR_ID",
         help="a transformers BLIP-2 checkpoint (folder or Hub id, e.g. Salesforce/blip2-flan-t5-xxl) giving the ViT, "
         "ln_vision, Q-Former and query tokens instead of --vit-checkpoint and --qformer-checkpoint",
     )
-    sources.add_argument("--llm", required=True, metavar="DIR", help="Vicuna v0 / LLaMA folder (transformers format) "
-                         "with its tokenizer")
+    sources.add_argument("--llm", required=True, metavar="DIR", help="Vicuna v0 / Llama-2-7B-chat folder (transformers "
+                         "format) with its tokenizer")
     sources.add_argument("--projection-checkpoint", required=True,
-                         help="pretrained_minigpt4.pth / prerained_minigpt4_7b.pth ({'model': {llama_proj.*}})")
+                         help="pretrained_minigpt4.pth / prerained_minigpt4_7b.pth / pretrained_minigpt4_llama2_7b.pth "
+                         "/ minigptv2_checkpoint.pth ({'model': {llama_proj.*, LoRA tensors}})")
+    variant = parser.add_argument_group("variant")
+    variant.add_argument("--variant", choices=VARIANTS,
+                         help="the released family: vicuna0 (MiniGPT-4 with Vicuna v0), llama2 (MiniGPT-4 with "
+                         "Llama-2-7B-chat) or v2 (MiniGPT-v2); default: read from the projection checkpoint (input "
+                         "width 768 -> vicuna0; 4 x ViT width -> llama2, or v2 with LoRA tensors)")
+    variant.add_argument("--lora", choices=("merge", "adapter"), default="merge",
+                         help="what to do with the checkpoint's LoRA tensors (MiniGPT-v2): merge them into the "
+                         "language model's weights (in float32, then cast), or write them as a PEFT adapter into "
+                         f"OUTPUT_DIR/{ADAPTER_DIR} (load it with model.load_adapter or PeftModel.from_pretrained)")
+    variant.add_argument("--lora-alpha", type=float, default=RELEASED_LORA_ALPHA,
+                         help="LoRA alpha (not stored in the checkpoint; the rank is read from the shapes); the "
+                         "released MiniGPT-v2 used 16")
     sources.add_argument("--allow-unsafe-pickle", action="store_true",
                          help="load .pth files that pickle more than tensors (only for files you trust)")
     output = parser.add_argument_group("output")
@@ -92,8 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if args.blip2 and (args.vit_checkpoint or args.qformer_checkpoint):
         parser.error("--blip2 replaces --vit-checkpoint and --qformer-checkpoint; pass one or the other.")
-    if not args.blip2 and not (args.vit_checkpoint and args.qformer_checkpoint):
-        parser.error("pass --vit-checkpoint and --qformer-checkpoint (or --blip2).")
+    if not args.blip2 and not args.vit_checkpoint:
+        parser.error("pass --vit-checkpoint (and --qformer-checkpoint for MiniGPT-4 with Vicuna), or --blip2.")
+    if args.lora_alpha <= 0:
+        parser.error(f"--lora-alpha must be positive, got {args.lora_alpha:g}.")
     if args.private and not args.push_to_hub:
         parser.error("--private only applies with --push-to-hub.")
     try:
@@ -153,6 +198,8 @@ def read_vision_inputs(args: argparse.Namespace):
               "language_projection are not read.")
         return [blip2], base, [("--blip2", [folder / "config.json", *blip2.paths])]
     vit = read_torch_checkpoint(args.vit_checkpoint, KINDS["vit"], args.allow_unsafe_pickle)
+    if not args.qformer_checkpoint:
+        return [vit], {}, [("--vit-checkpoint", vit.paths)]
     qformer = read_torch_checkpoint(args.qformer_checkpoint, KINDS["qformer"], args.allow_unsafe_pickle)
     return [vit, qformer], {}, [("--vit-checkpoint", vit.paths), ("--qformer-checkpoint", qformer.paths)]
 
@@ -205,19 +252,45 @@ def convert(args: argparse.Namespace) -> Path:
     print("Reading the input files ...")
     vision_inputs, base, files_read = read_vision_inputs(args)
     projection = read_torch_checkpoint(args.projection_checkpoint, KINDS["projection"], args.allow_unsafe_pickle)
+    lora_tensors = split_lora_tensors(projection)
     language_model, text_config, tokenizer = read_language_model(llm_dir)
     plan = plan_conversion([*vision_inputs, projection, language_model])
 
+    variant = detect_variant(plan, has_lora=bool(lora_tensors), requested=args.variant,
+                             merge=overrides.get("vision_token_merge", 4))
+    print(f"Variant: {variant}" + (" (--variant)" if args.variant else " (read from the projection checkpoint)"))
+    if variant == "vicuna0" and "model.query_tokens" not in plan.tensors:
+        raise ConversionError(
+            f"--projection-checkpoint {args.projection_checkpoint} is MiniGPT-4 with Vicuna, which needs the BLIP-2 "
+            "Q-Former: pass --qformer-checkpoint blip2_pretrained_flant5xxl.pth (or --blip2)."
+        )
+    if variant != "vicuna0":
+        drop_qformer_parts(plan)
+        plan_default_layernorm(plan)
+    lora = plan_lora(plan, lora_tensors, alpha=_whole_if_integral(args.lora_alpha))
+    if lora is not None and args.lora == "merge":
+        plan_lora_merge(plan, lora)
+
     text_config["vocab_size"] = check_vocabulary(tokenizer, plan, llm_dir)
+    check_vocabulary_fits_variant(text_config["vocab_size"], variant, llm_dir)
     tokenizer = sentencepiece_faithful_tokenizer(tokenizer)
-    config = derive_config(plan, text_config, overrides, base=base, stop_token_ids=stop_token_ids_for(tokenizer))
+    config = derive_config(
+        plan, text_config, overrides, base=base, variant=variant,
+        stop_token_ids=variant_stop_token_ids(tokenizer, variant),
+    )
     names = check_against_model(plan, config)
     processor = MiniGPT4Processor.from_tokenizer(
-        tokenizer, image_size=config.vision_config.image_size, num_query_tokens=config.num_query_tokens
+        tokenizer, image_size=config.vision_config.image_size, num_image_tokens=config.num_image_tokens,
+        chat_template=CHAT_TEMPLATES[variant],
     )
     config.image_token_id = processor.image_token_id
     config.architectures = ["MiniGPT4ForConditionalGeneration"]
     config.dtype = dtype
+    if lora is not None and args.lora == "adapter":
+        plan.notes.append(
+            f"LoRA (rank {lora.rank}, alpha {lora.alpha:g}) written as a PEFT adapter into {ADAPTER_DIR}/ "
+            f"({len(lora.modules)} modules: {', '.join(lora.target_modules)}); the language model is the base model."
+        )
     for line in plan.notes + summarize_ignored(plan.ignored):
         print(line)
 
@@ -246,7 +319,9 @@ def convert(args: argparse.Namespace) -> Path:
     with staged_output(output_dir, args.overwrite) as staging:
         save_sharded_safetensors(plan, names, staging, dtype_of, args.max_shard_size)
         config.save_pretrained(staging)
-        original_generation_config(processor.tokenizer).save_pretrained(staging)
+        original_generation_config(processor.tokenizer, variant).save_pretrained(staging)
+        if lora is not None and args.lora == "adapter":
+            save_lora_adapter(lora, staging / ADAPTER_DIR, dtype)
         processor.save_pretrained(staging)
         for module in CODE_MODULES:
             shutil.copy(module.__file__, staging / Path(module.__file__).name)
@@ -275,15 +350,24 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input (nothing written), 1 the upload failed (the converted folder is kept)."""
     args = parse_args(argv)
     try:
         output_dir = convert(args)
-        if args.push_to_hub:
-            push_to_hub(output_dir, args.push_to_hub, args.private)
     except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    if args.push_to_hub:
+        try:
+            push_to_hub(output_dir, args.push_to_hub, args.private)
+        except ConversionError as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 1
     return 0
+
+
+def _whole_if_integral(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
 
 
 
