@@ -442,7 +442,7 @@ class MiniGPT4Processor(ProcessorMixin):
         text: str | list[str] | None = None,
         videos=None,
         audio=None,
-        suffix: str | list[str] | None = None,
+        suffix: str | list[str | list[str]] | None = None,
         max_txt_len: int = 160,
         padding: bool | str = True,
         padding_side: str | None = None,
@@ -463,6 +463,10 @@ class MiniGPT4Processor(ProcessorMixin):
                 symbol yourself: `"###"` for Vicuna v0, `"</s>"` for Llama-2 and v2, where the literal `"</s>"`
                 becomes the EOS id, one labelled token, as in the original); builds `labels` with -100 everywhere else.
                 The prompt gets one BOS: training prompts carry no literal `<s>`.
+                A multi-turn training sample gives, instead of one answer, the list `[answer 1, question 2, answer 2,
+                ...]`: every piece is tokenized on its own, the answers are labelled and the later questions (each
+                starting with a literal `<s>`, e.g. `"<s>[INST] q2 [/INST]"`) are not, as the original's
+                `tokenize_conversation` (`minigpt4/models/minigpt_base.py@d94738a`).
             max_txt_len: the suffix is cut to this many tokens (`max_txt_len` of
                 `minigpt4/models/mini_gpt4.py@22d8888`).
             padding: pad to the longest row (`True`/`"longest"`) or to `max_length` (`"max_length"`).
@@ -490,7 +494,8 @@ class MiniGPT4Processor(ProcessorMixin):
             raise ValueError(f"`text` must be a string or a list of strings, got {type(text).__name__}.")
         suffixes = None
         if suffix is not None:
-            suffixes = [suffix] if isinstance(suffix, str) else list(suffix)
+            one_target = isinstance(suffix, str) or (isinstance(text, str) and _is_turn_list(suffix))
+            suffixes = [suffix] if one_target else list(suffix)
             if len(suffixes) != len(texts):
                 raise ValueError(f"Got {len(texts)} text(s) but {len(suffixes)} suffix(es); give one per text.")
         flat_images = self._match_images_to_texts(images, texts)
@@ -498,9 +503,8 @@ class MiniGPT4Processor(ProcessorMixin):
         input_ids = self._tokenize_prompts(texts, add_special_tokens)
         labels = None
         if suffixes is not None:
-            suffix_ids = self.tokenizer(suffixes, add_special_tokens=False)["input_ids"]
-            suffix_ids = [ids[:max_txt_len] for ids in suffix_ids]
-            labels = [[IGNORE_INDEX] * len(prompt) + ids for prompt, ids in zip(input_ids, suffix_ids)]
+            suffix_ids, suffix_labels = self._tokenize_suffixes(suffixes, max_txt_len)
+            labels = [[IGNORE_INDEX] * len(prompt) + row for prompt, row in zip(input_ids, suffix_labels)]
             input_ids = [prompt + ids for prompt, ids in zip(input_ids, suffix_ids)]
         if max_length is not None:
             for row, ids in enumerate(input_ids):
@@ -601,6 +605,26 @@ class MiniGPT4Processor(ProcessorMixin):
             input_ids.append(ids)
         return input_ids
 
+    def _tokenize_suffixes(self, suffixes: list, max_txt_len: int) -> tuple[list[list[int]], list[list[int]]]:
+        """
+        `(ids, labels)` per text of the training targets, cut to `max_txt_len` tokens together. A suffix is one
+        answer (all labelled) or a list `[answer, question, answer, ...]` whose pieces are tokenized separately, the
+        answers (even places) labelled and the questions (odd places) not.
+        """
+        pieces = [[suffix] if isinstance(suffix, str) else list(suffix) for suffix in suffixes]
+        flat = [piece for row in pieces for piece in row]
+        piece_ids = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+        ids_rows, label_rows = [], []
+        for row in pieces:
+            ids, labels = [], []
+            for place in range(len(row)):
+                segment = next(piece_ids)
+                ids += segment
+                labels += segment if place % 2 == 0 else [IGNORE_INDEX] * len(segment)
+            ids_rows.append(ids[:max_txt_len])
+            label_rows.append(labels[:max_txt_len])
+        return ids_rows, label_rows
+
     def _pad(self, input_ids, labels, padding, padding_side: str, max_length: int | None) -> dict:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
@@ -668,6 +692,11 @@ class MiniGPT4Processor(ProcessorMixin):
             [list(ids)[prompt_length:] for ids in generated_ids], skip_special_tokens=True
         )
         return [text.split(TURN_SEPARATOR)[0].split("Assistant:")[-1].strip() for text in texts]
+
+
+def _is_turn_list(suffix) -> bool:
+    """Whether `suffix` is one multi-turn target `[answer, question, answer, ...]` (strings), not one per text."""
+    return isinstance(suffix, (list, tuple)) and len(suffix) > 1 and all(isinstance(piece, str) for piece in suffix)
 
 
 def strip_turn_separator(text: str) -> str:

@@ -25,6 +25,7 @@ setup(
             "minigpt4-demo-load-test = minigpt4_hf.cli.demo_load_test:cli",
             "minigpt4-build-stage2-data = minigpt4_hf.cli.build_stage2_data:cli",
             "minigpt4-benchmark = minigpt4_hf.cli.benchmark:cli",
+            "minigpt4-benchmark-conversion = minigpt4_hf.cli.benchmark_conversion:cli",
         ]
     },
     install_requires=[

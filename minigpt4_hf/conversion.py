@@ -17,16 +17,24 @@ follows from those shapes and keys (`detect_variant`); MiniGPT-v2's position emb
 here, as the original did at every load (`interpolate_position_embedding`); the LoRA is merged into the weights or
 written as a PEFT adapter (`plan_lora`).
 
-Nothing is read into memory before it is written: the files are opened memory-mapped (or lazily, for safetensors),
-the key mapping and the configuration are worked out from names and shapes alone, checked against the model built on
-the meta device, and the tensors are then materialised one output shard at a time.
+
+Nothing is read into memory before it is written: the files are opened memory-mapped (`safe_open` for safetensors,
+`torch.load(mmap=True)` for `.pth` / `.bin`), the key mapping and the configuration are worked out from names and
+shapes alone, checked against the model built on the meta device, and the tensors are then read, converted and
+written one at a time into each output shard (`write_safetensors_file`); the memory-mapped files are closed after each
+shard. Peak memory is the process itself, a few tensors and the pages mapped for one shard, whatever the model size.
+
+A Vicuna v0 language model can also be built here from LLaMA and the Vicuna delta (`read_vicuna_delta`), tensor by
+tensor, as FastChat 0.1.10's `apply_delta` computed it.
 """
 
+import dataclasses
 import functools
 import json
 import math
 import re
-from collections.abc import Callable, Iterable
+import struct
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +42,6 @@ import torch
 from huggingface_hub import hf_hub_download, split_torch_state_dict_into_shards
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from configuration_minigpt4 import MiniGPT4Config
@@ -216,19 +223,62 @@ BLIP2_KEPT_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading files without loading them.
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
 
 @dataclass(frozen=True)
 class SourceTensor:
-    """One tensor of an input file, known by its shape before it is read."""
+    """One tensor of an input file, known by its shape (and dtype, where the file says) before it is read."""
 
     origin: str  # "--vit-checkpoint /path/eva_vit_g.pth", for messages
     key: str
     shape: tuple[int, ...]
     read: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+    dtype: torch.dtype | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, tensor: torch.Tensor, origin: str, key: str) -> "SourceTensor":
-        return cls(origin, key, tuple(tensor.shape), lambda: tensor)
+        return cls(origin, key, tuple(tensor.shape), lambda: tensor, tensor.dtype)
+
+    @property
+    def is_floating_point(self) -> bool:
+        return self.dtype is None or self.dtype.is_floating_point
+
+
+class MappedTorchFile:
+    """
+    A `torch.save` file opened memory-mapped on first use and closed by `close()` (the converter closes its inputs
+    after each output shard, so the pages read for one shard do not stay mapped into the next).
+
+    Args:
+        path: the file.
+        unwrap: top-level entry that holds the state dict (`"model"` in LAVIS / MiniGPT-4 checkpoints), or None.
+        weights_only: `torch.load`'s safe mode (tensors and plain containers only).
+    """
+
+    def __init__(self, path: Path, unwrap: str | None = None, weights_only: bool = True, mmap: bool = True):
+        self.path = path
+        self.unwrap = unwrap
+        self.weights_only = weights_only
+        self.mmap = mmap
+        self._state: dict | None = None
+
+    def state_dict(self) -> dict:
+        if self._state is None:
+            checkpoint = torch.load(self.path, map_location="cpu", weights_only=self.weights_only, mmap=self.mmap)
+            self._state = checkpoint[self.unwrap] if self.unwrap is not None else checkpoint
+        return self._state
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.state_dict()[key]
+
+    def close(self) -> None:
+        if self.mmap:  # a file that could not be mapped stays loaded rather than being read again
+            self._state = None
 
 
 @dataclass
@@ -240,12 +290,18 @@ class InputFile:
     tensors: dict[str, SourceTensor]
     paths: list[Path] = field(default_factory=list)  # every file read, for the provenance record
     other_entries: list[str] = field(default_factory=list)  # top-level entries beside "model" (optimizer, ...)
+    mapped_files: list[MappedTorchFile] = field(default_factory=list, repr=False)
 
     @classmethod
     def from_state_dict(cls, kind: InputKind, state_dict: dict, origin: str) -> "InputFile":
         """Wraps an in-memory state dict (tests, meta tensors)."""
         tensors = {key: SourceTensor.of(value, origin, key) for key, value in state_dict.items()}
         return cls(kind, origin, tensors)
+
+    def close(self) -> None:
+        """Unmaps the memory-mapped files (they are mapped again when a tensor is next read)."""
+        for mapped in self.mapped_files:
+            mapped.close()
 
     def check_kind(self) -> None:
         """Raises if the file does not hold what its flag takes, naming what it looks like instead."""
@@ -262,6 +318,21 @@ class InputFile:
         raise ConversionError(f"{self.origin} is not {self.kind.description}.{hint}")
 
 
+def _mapped_source_tensors(
+    mapped: MappedTorchFile, state_dict: dict, origin: str, keep: Callable[[str], bool] | None = None
+) -> tuple[dict[str, SourceTensor], list[str]]:
+    """`(tensors read through `mapped`, other entries)` of a loaded state dict (shapes and dtypes only)."""
+    tensors, others = {}, []
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            others.append(str(key))
+        elif keep is None or keep(str(key)):
+            tensors[str(key)] = SourceTensor(
+                origin, str(key), tuple(value.shape), functools.partial(mapped.get, key), value.dtype
+            )
+    return tensors, others
+
+
 def read_torch_checkpoint(path: str | Path, kind: InputKind, allow_unsafe_pickle: bool = False) -> InputFile:
     """
     Opens a `torch.save` checkpoint memory-mapped: a bare state dict, or `{"model": state_dict, "optimizer": ...}` as
@@ -273,8 +344,7 @@ def read_torch_checkpoint(path: str | Path, kind: InputKind, allow_unsafe_pickle
         raise ConversionError(f"{origin}: no such file.")
     if path.is_dir():
         raise ConversionError(f"{origin}: is a folder; expected {kind.description}.")
-    checkpoint = None
-    error = None
+    checkpoint, error = None, None
     for mmap in (True, False):  # checkpoints in the pre-1.6 (non-zip) format cannot be memory-mapped
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle, mmap=mmap)
@@ -284,32 +354,28 @@ def read_torch_checkpoint(path: str | Path, kind: InputKind, allow_unsafe_pickle
     if checkpoint is None:
         hint = ""
         if "Weights only load failed" in str(error):
-            hint = (
-                " The file pickles objects other than tensors; if you trust it, pass --allow-unsafe-pickle."
-            )
+            hint = " The file pickles objects other than tensors; if you trust it, pass --allow-unsafe-pickle."
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ConversionError(
             f"{origin}: cannot be read as a PyTorch checkpoint ({type(error).__name__}: {first_line}).{hint}"
-        )
+        ) from None
 
-    other_entries = []
+    other_entries, unwrap = [], None
     if isinstance(checkpoint, dict):
         for wrapper in ("model", "state_dict"):
             if isinstance(checkpoint.get(wrapper), dict):
                 other_entries = [str(key) for key in checkpoint if key != wrapper]
-                checkpoint = checkpoint[wrapper]
+                checkpoint, unwrap = checkpoint[wrapper], wrapper
                 break
     if not isinstance(checkpoint, dict):
         raise ConversionError(
             f"{origin}: holds a {type(checkpoint).__name__}, not a state dict; expected {kind.description}."
         )
-    tensors = {}
-    for key, value in checkpoint.items():
-        if isinstance(value, torch.Tensor):
-            tensors[str(key)] = SourceTensor.of(value, origin, str(key))
-        else:
-            other_entries.append(str(key))
-    loaded = InputFile(kind, origin, tensors, paths=[path], other_entries=other_entries)
+    mapped = MappedTorchFile(path, unwrap, weights_only=not allow_unsafe_pickle, mmap=mmap)
+    tensors, others = _mapped_source_tensors(mapped, checkpoint, origin)
+    mapped.close()
+    loaded = InputFile(kind, origin, tensors, paths=[path], other_entries=other_entries + others,
+                       mapped_files=[mapped])
     loaded.check_kind()
     return loaded
 
@@ -355,30 +421,47 @@ def read_transformers_weights(
     if weight_map is not None and keep is not None:
         files = [folder / name for name in sorted({name for key, name in weight_map.items() if keep(key)})]
     tensors: dict[str, SourceTensor] = {}
+    mapped_files: list[MappedTorchFile] = []
     for path in files:
         if not path.is_file():
             raise ConversionError(f"{origin}: the index {index.name} lists {path.name}, which is missing.")
         try:
-            tensors.update(_open_weight_file(path, origin, keep))
+            file_tensors, mapped = _open_weight_file(path, origin, keep)
         except ConversionError:
             raise
         except Exception as error:  # noqa: BLE001
             raise ConversionError(f"{origin}: cannot read {path.name} ({type(error).__name__}: {error}).") from None
+        tensors.update(file_tensors)
+        mapped_files += [mapped] if mapped is not None else []
     paths = ([index] if index else []) + files
-    loaded = InputFile(kind, origin, tensors, paths=paths)
+    loaded = InputFile(kind, origin, tensors, paths=paths, mapped_files=mapped_files)
     loaded.check_kind()
     return loaded
 
 
-def download_blip2_parts(repo_id: str) -> Path:
+# Files of a transformers checkpoint besides its weights; fetched when present.
+_CHECKPOINT_SIDE_FILES = (
+    "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json",
+)
+
+
+def download_checkpoint(
+    repo_id: str, flag: str, keep: Callable[[str], bool] | None = None, side_files: Sequence[str] = ()
+) -> Path:
     """
-    Downloads from the Hub only what MiniGPT-4 takes from a BLIP-2 checkpoint: `config.json` and the weight files
-    holding `vision_model.*`, `qformer.*` and `query_tokens` (not the language-model shards). Returns the snapshot
-    folder.
+    Downloads from the Hub what the converter reads of a transformers checkpoint: `config.json`, the `side_files`
+    that exist, and the weight files (of one format) holding the keys `keep` accepts (all without `keep`).
+    Returns the snapshot folder.
     """
-    origin = f"--blip2 {repo_id}"
+    origin = f"{flag} {repo_id}"
     try:
         folder = Path(hf_hub_download(repo_id, "config.json")).parent
+        for name in side_files:
+            try:
+                hf_hub_download(repo_id, name)
+            except EntryNotFoundError:
+                continue
         for index_name, single_name in _WEIGHT_FILES:
             try:
                 index_path = hf_hub_download(repo_id, index_name)
@@ -389,7 +472,7 @@ def download_blip2_parts(repo_id: str) -> Path:
                 except EntryNotFoundError:
                     continue
             weight_map = json.loads(Path(index_path).read_text())["weight_map"]
-            for name in sorted({name for key, name in weight_map.items() if key.startswith(BLIP2_KEPT_PREFIXES)}):
+            for name in sorted({name for key, name in weight_map.items() if keep is None or keep(key)}):
                 hf_hub_download(repo_id, name)
             return folder
     except Exception as error:  # noqa: BLE001 (network, authentication, missing repository)
@@ -399,27 +482,126 @@ def download_blip2_parts(repo_id: str) -> Path:
     raise ConversionError(f"{origin}: the Hub repository has no model.safetensors or pytorch_model.bin weights.")
 
 
-def _open_weight_file(path: Path, origin: str, keep: Callable[[str], bool] | None) -> dict[str, SourceTensor]:
+def download_blip2_parts(repo_id: str) -> Path:
+    """
+    Downloads from the Hub only what MiniGPT-4 takes from a BLIP-2 checkpoint: `config.json` and the weight files
+    holding `vision_model.*`, `qformer.*` and `query_tokens` (not the language-model shards). Returns the snapshot
+    folder.
+    """
+    return download_checkpoint(repo_id, "--blip2", keep=lambda key: key.startswith(BLIP2_KEPT_PREFIXES))
+
+
+def _open_weight_file(
+    path: Path, origin: str, keep: Callable[[str], bool] | None
+) -> tuple[dict[str, SourceTensor], MappedTorchFile | None]:
+    """The tensors of one weight file (`.safetensors` opened per read, `.bin` memory-mapped) and its mapping."""
     origin = f"{origin} ({path.name})"
     tensors = {}
     if path.suffix == ".safetensors":
         with safe_open(path, framework="pt") as handle:
             for key in handle.keys():
                 if keep is None or keep(key):
-                    shape = tuple(handle.get_slice(key).get_shape())
-                    tensors[key] = SourceTensor(origin, key, shape, functools.partial(_read_safetensor, path, key))
-        return tensors
-    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return {
-        key: SourceTensor.of(value, origin, key)
-        for key, value in state_dict.items()
-        if isinstance(value, torch.Tensor) and (keep is None or keep(key))
-    }
+                    tensor_slice = handle.get_slice(key)
+                    tensors[key] = SourceTensor(
+                        origin, key, tuple(tensor_slice.get_shape()), functools.partial(_read_safetensor, path, key),
+                        _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype()),
+                    )
+        return tensors, None
+    mapped = MappedTorchFile(path)
+    state_dict = mapped.state_dict()
+    tensors, _ = _mapped_source_tensors(mapped, state_dict, origin, keep)
+    mapped.close()
+    return tensors, mapped
 
 
 def _read_safetensor(path: Path, key: str) -> torch.Tensor:
     with safe_open(path, framework="pt") as handle:
         return handle.get_tensor(key)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Vicuna v0 = LLaMA + the Vicuna delta (FastChat 0.1.10 `fastchat/model/apply_delta.py`), tensor by tensor.
+
+# Vicuna v0 added one token ('[PAD]', id 32000) to LLaMA's 32000: the delta's embedding and output head have more
+# rows than the base's.
+VOCABULARY_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
+# The two halves of a Vicuna v0 language model; together they stand for `--llm`.
+LLAMA_BASE_KIND = dataclasses.replace(
+    KINDS["llm"], flag="--llama-base",
+    description="a LLaMA checkpoint folder in transformers format ('model.embed_tokens.weight', 'model.layers.{i}.*')",
+)
+VICUNA_DELTA_KIND = dataclasses.replace(
+    KINDS["llm"], flag="--vicuna-delta",
+    description="a Vicuna v0 delta in transformers format (lmsys/vicuna-7b-delta-v0 or vicuna-13b-delta-v0)",
+)
+
+
+def apply_vicuna_delta(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """
+    One Vicuna v0 tensor, as FastChat's `apply_delta` computed it: base and delta in float16, the base's embedding /
+    head grown to the delta's rows with zero rows (`resize_token_embeddings`, then zeroed), then `base + delta` in
+    float16. `(rows_base, ...), (rows_delta, ...) -> (rows_delta, ...)`.
+    """
+    base, delta = base.to(torch.float16), delta.to(torch.float16)
+    if base.shape[0] < delta.shape[0]:
+        base = torch.cat([base, base.new_zeros((delta.shape[0] - base.shape[0], *base.shape[1:]))])
+    return base + delta
+
+
+def _delta_shapes_fit(key: str, base_shape: tuple[int, ...], delta_shape: tuple[int, ...]) -> bool:
+    if base_shape == delta_shape:
+        return True
+    return (
+        key.endswith(VOCABULARY_KEYS) and len(base_shape) == len(delta_shape) == 2
+        and base_shape[1] == delta_shape[1] and base_shape[0] < delta_shape[0]
+    )
+
+
+def read_vicuna_delta(base: InputFile, delta: InputFile) -> InputFile:
+    """
+    The Vicuna v0 language model as an input of kind `--llm`: each tensor reads the LLaMA base tensor and the delta
+    tensor when it is written, and adds them (`apply_vicuna_delta`). Raises (naming file and key) when the delta does
+    not fit the base: another model size, keys missing on either side.
+    """
+    for key, delta_tensor in delta.tensors.items():
+        base_tensor = base.tensors.get(key)
+        if base_tensor is not None and not _delta_shapes_fit(key, base_tensor.shape, delta_tensor.shape):
+            raise ConversionError(
+                f"{delta_tensor.origin}: key {key!r} has shape {list(delta_tensor.shape)}, but "
+                f"{base_tensor.origin} has {list(base_tensor.shape)} for it: the delta belongs to another model "
+                "size (vicuna-7b-delta-v0 goes with LLaMA-7B, vicuna-13b-delta-v0 with LLaMA-13B)."
+            )
+    missing = [key for key in base.tensors if key not in delta.tensors]
+    if missing:
+        raise ConversionError(
+            f"{delta.origin} has no key {missing[0]!r}, which {base.tensors[missing[0]].origin} holds"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + ": the delta is not a Vicuna delta of this LLaMA."
+        )
+    extra = [key for key in delta.tensors if key not in base.tensors]
+    if extra:
+        raise ConversionError(
+            f"{delta.tensors[extra[0]].origin}: key {extra[0]!r} has no counterpart in {base.origin}"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            + ": the delta belongs to another model (a 13B delta on a 7B LLaMA?)."
+        )
+    origin = f"{base.origin} + {delta.origin}"
+    tensors = {}
+    for key, delta_tensor in delta.tensors.items():
+        base_tensor = base.tensors[key]
+        if base_tensor.is_floating_point:
+            read = functools.partial(_read_vicuna_tensor, base_tensor.read, delta_tensor.read)
+            dtype = torch.float16
+        else:  # integer buffers are not deltas
+            read, dtype = base_tensor.read, base_tensor.dtype
+        tensors[key] = SourceTensor(f"{delta_tensor.origin} + {base_tensor.origin}", key, delta_tensor.shape, read,
+                                    dtype)
+    return InputFile(KINDS["llm"], origin, tensors, paths=base.paths + delta.paths,
+                     mapped_files=base.mapped_files + delta.mapped_files)
+
+
+def _read_vicuna_tensor(read_base: Callable[[], torch.Tensor], read_delta: Callable[[], torch.Tensor]) -> torch.Tensor:
+    return apply_vicuna_delta(read_base(), read_delta())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -433,6 +615,12 @@ class TargetTensor:
     sources: tuple[SourceTensor, ...]
     shape: tuple[int, ...]
     combine: Callable[..., torch.Tensor] | None = field(default=None, compare=False)
+
+    def output_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype `materialize(dtype)` returns: `dtype` for floating-point tensors, the file's own for the rest."""
+        if len(self.sources) == 1 and not self.sources[0].is_floating_point:
+            return self.sources[0].dtype
+        return dtype
 
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
         """Reads the source(s) and returns a fresh contiguous tensor (floating point cast to `dtype`)."""
@@ -813,18 +1001,21 @@ def detect_variant(plan: ConversionPlan, has_lora: bool, requested: str | None =
     return requested
 
 
-def check_vocabulary_fits_variant(vocabulary: int, variant: str, llm_dir: Path) -> None:
-    """Refuses the released language models crossed: Llama-2 (32000) with Vicuna v0's projection, and vice versa."""
+def check_vocabulary_fits_variant(vocabulary: int, variant: str, llm_origin: str) -> None:
+    """
+    Refuses the released language models crossed: Llama-2 (32000) with Vicuna v0's projection, and vice versa.
+    `llm_origin` names the language model's input (`--llm DIR`) in the message.
+    """
     if variant == "vicuna0" and vocabulary == LLAMA2_VOCABULARY:
         raise ConversionError(
-            f"--llm {llm_dir}: the tokenizer has {vocabulary} tokens, the vocabulary of Llama-2 / Vicuna v1.1 and "
+            f"{llm_origin}: the tokenizer has {vocabulary} tokens, the vocabulary of Llama-2 / Vicuna v1.1 and "
             f"later, but the projection checkpoint is MiniGPT-4 with Vicuna v0, whose vocabulary is "
             f"{VICUNA_V0_VOCABULARY} (LLaMA's 32000 + '[PAD]'). Pass the Vicuna v0 weights with their tokenizer, or "
             "the Llama-2 projection (pretrained_minigpt4_llama2_7b.pth) for this model."
         )
     if variant != "vicuna0" and vocabulary == VICUNA_V0_VOCABULARY:
         raise ConversionError(
-            f"--llm {llm_dir}: the tokenizer has {vocabulary} tokens, the vocabulary of Vicuna v0, but the projection "
+            f"{llm_origin}: the tokenizer has {vocabulary} tokens, the vocabulary of Vicuna v0, but the projection "
             f"checkpoint is MiniGPT-4 with Llama-2 / MiniGPT-v2 (--variant {variant}), trained with "
             f"Llama-2-7B-chat ({LLAMA2_VOCABULARY} tokens). Pass meta-llama/Llama-2-7b-chat-hf."
         )
@@ -1039,8 +1230,9 @@ def save_lora_adapter(lora: LoraPlan, folder: Path, dtype: torch.dtype) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     LoraConfig(**lora.adapter_config()).save_pretrained(folder)
-    tensors = {name: target.materialize(dtype) for name, target in lora.adapter_tensors().items()}
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    entries = [(name, target.shape, target.output_dtype(dtype), functools.partial(target.materialize, dtype))
+               for name, target in lora.adapter_tensors().items()]
+    write_safetensors_file(folder / "adapter_model.safetensors", entries, metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1088,6 +1280,47 @@ def check_against_model(plan: ConversionPlan, config: MiniGPT4Config) -> list[st
     return list(expected)
 
 
+def write_safetensors_file(
+    path: Path,
+    entries: Sequence[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """
+    Writes a safetensors file one tensor at a time: the header is built from the announced names, shapes and dtypes,
+    then each `produce()` is called, checked against its announcement, written and dropped. Only one tensor is in
+    memory at a time (`safetensors.torch.save_file` would hold the whole file, twice).
+
+    Args:
+        entries: `(name, shape, dtype, produce)` per tensor.
+    """
+    # Wider dtypes first (then by name), as safetensors' own writer orders them: every tensor is aligned to its size.
+    ordered = sorted(entries, key=lambda entry: (-entry[2].itemsize, entry[0]))
+    header: dict = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for name, shape, dtype, _ in ordered:
+        if dtype not in _SAFETENSORS_NAMES:
+            raise ValueError(f"{name}: safetensors cannot store {dtype}.")
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header_bytes)))
+        handle.write(header_bytes)
+        for name, shape, dtype, produce in ordered:
+            tensor = produce()
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise RuntimeError(
+                    f"{name}: announced {list(shape)} {dtype}, produced {list(tensor.shape)} {tensor.dtype}."
+                )
+            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+
+
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
 def save_sharded_safetensors(
     plan: ConversionPlan,
     names: list[str],
@@ -1097,17 +1330,29 @@ def save_sharded_safetensors(
 ) -> list[str]:
     """
     Writes `names` as `model.safetensors` or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`,
-    reading each shard's tensors only when that shard is written. Returns the file names written.
+    reading each tensor only when it is written (`write_safetensors_file`) and closing the memory-mapped inputs after
+    each shard. Returns the file names written.
     """
-    sizes = {name: torch.empty(plan.tensors[name].shape, dtype=dtype_of(name), device="meta") for name in names}
+    dtypes = {name: plan.tensors[name].output_dtype(dtype_of(name)) for name in names}
+    sizes = {name: torch.empty(plan.tensors[name].shape, dtype=dtypes[name], device="meta") for name in names}
     split = split_torch_state_dict_into_shards(sizes, max_shard_size=max_shard_size)
     written = []
-    shards = tqdm(split.filename_to_tensors.items(), desc="writing shards", unit="shard", disable=None)
-    for filename, shard_names in shards:
-        tensors = {name: plan.tensors[name].materialize(dtype_of(name)) for name in shard_names}
-        save_file(tensors, folder / filename, metadata={"format": "pt"})
-        written.append(filename)
-        del tensors
+    total_bytes = sum(tensor.numel() * tensor.element_size() for tensor in sizes.values())
+    with tqdm(total=total_bytes, desc="writing", unit="B", unit_scale=True, disable=None) as progress:
+        for filename, shard_names in split.filename_to_tensors.items():
+
+            def produce(name: str) -> torch.Tensor:
+                tensor = plan.tensors[name].materialize(dtype_of(name))
+                progress.update(tensor.numel() * tensor.element_size())
+                return tensor
+
+            entries = [
+                (name, plan.tensors[name].shape, dtypes[name], functools.partial(produce, name)) for name in shard_names
+            ]
+            write_safetensors_file(folder / filename, entries, metadata={"format": "pt"})
+            for loaded in plan.inputs:
+                loaded.close()
+            written.append(filename)
     if split.is_sharded:
         index = {"metadata": {**split.metadata}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -6,14 +6,22 @@ optimizer groups and learning-rate schedule, model preparation (freezing, projec
 the loaders and the projection helpers. The values and behaviours follow the original two-stage recipe (Vision-CAIR
 MiniGPT-4 `train_configs/minigpt4_stage{1,2}_*.yaml`, `blip_processors.py`, `common/optims.py`).
 
+Presets exist for every released variant (`TRAINING_PRESETS[variant][stage]`): MiniGPT-4 with Vicuna v0 (stages 1
+and 2), MiniGPT-4 with Llama-2 (stages 1 and 2, `train_configs/minigpt4_llama2_stage*.yaml`) and MiniGPT-v2's
+fine-tuning (stage 3, `train_configs/minigptv2_finetune.yaml`: LoRA, 448 px, task instructions, multi-turn
+conversations, a weighted mixture of datasets).
+
 Data flow of one training sample:
     source row (cc_sbu_align entry / webdataset sample / HF dataset row)
-    -> record {"image": bytes|path|PIL, "text": caption, "sample_id": str}
+    -> record {"image": bytes|path|PIL|None, "text": answer, "instruction": str|None, "conversation": turns|None,
+       "sample_id": str}
     -> `SampleFormatter`: decoded RGB image, RandomResizedCrop to the model's size (or a plain resize),
-       prompt "<ImageHere>" (stage 1) or "###Human: <Img><ImageHere></Img> ... ###Assistant: " (stage 2),
-       target = caption (cleaned in stage 1) + end symbol
+       prompt "<ImageHere>" (stage 1), one of the alignment prompts in the variant's template (stage 2), or the
+       record's own instruction in it (`[INST] <Img><ImageHere></Img> [refer] where is the cat?  [/INST]`),
+       target = answer (cleaned in stage 1) + end symbol; a conversation's target is the list
+       [answer 1 + end, "<s>" + question 2 in the template, answer 2 + end, ...]
     -> `TrainingCollator`: `processor(images, text=prompts, suffix=targets)` -> input_ids, attention_mask,
-       pixel_values, labels (-100 everywhere but the target tokens).
+       pixel_values, labels (-100 everywhere but the answers' tokens).
 """
 
 import glob
@@ -47,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 # `prompt_template` of train_configs/minigpt4_stage2_finetune.yaml.
 STAGE2_PROMPT_TEMPLATE = "###Human: {} ###Assistant: "
+# `prompt_template` of train_configs/minigpt4_llama2_stage2_finetune.yaml (trailing space included).
+LLAMA2_PROMPT_TEMPLATE = "[INST] {} [/INST] "
+# `prompt_template` of train_configs/minigptv2_finetune.yaml (no trailing space: its instructions end with one).
+V2_PROMPT_TEMPLATE = "[INST] {} [/INST]"
 # prompts/alignment.txt of the original, in file order.
 ALIGNMENT_PROMPTS = (
     "<Img><ImageHere></Img> Describe this image in detail.",
@@ -54,49 +66,99 @@ ALIGNMENT_PROMPTS = (
     "<Img><ImageHere></Img> Please provide a detailed description of the picture.",
     "<Img><ImageHere></Img> Could you describe the contents of this image for me?",
 )
+# How a record's own instruction is put with its image: the alignment prompts' form, and the form every MiniGPT-v2
+# dataset used (`'<Img><ImageHere></Img> {} '`, e.g. minigpt4/datasets/datasets/coco_dataset.py@d94738a).
+IMAGE_INSTRUCTION_FORMAT = "<Img><ImageHere></Img> {}"
+V2_IMAGE_INSTRUCTION_FORMAT = "<Img><ImageHere></Img> {} "
+# The text that starts each later question of a conversation (`bos_token + question` in the original's
+# `tokenize_conversation`, minigpt4/models/minigpt_base.py@d94738a); the processor reads it as the BOS id.
+BOS_TEXT = "<s>"
 # `BlipCaptionProcessor(max_words=50)`.
 CAPTION_MAX_WORDS = 50
 
-# What `--stage 1` / `--stage 2` set; every value can be overridden on the command line. Keys are the flag names of
-# scripts/train.py (TrainingArguments fields and the script's own data/model fields).
-STAGE_PRESETS: dict[int, dict[str, Any]] = {
+# The original MiniGPT-4 (Vicuna v0) runs; MiniGPT-4 with Llama-2 used the same schedule
+# (train_configs/minigpt4_llama2_stage{1_pretrain,2_finetune}.yaml).
+_STAGE1 = {
     # train_configs/minigpt4_stage1_pretrain.yaml: LAION + CC/SBU, 4 "epochs" x 5000 iterations, batch 64 per GPU.
-    1: {
-        "learning_rate": 1e-4,  # init_lr
-        "min_lr": 8e-5,
-        "warmup_lr": 1e-6,
-        "warmup_steps": 5000,
-        "weight_decay": 0.05,
-        "max_steps": 20000,
-        "per_device_train_batch_size": 64,
-        "max_grad_norm": 0.0,  # the original never clips gradients
-        "seed": 42,
-        "save_steps": 5000,  # the original saved a checkpoint per 5000-iteration "epoch"
-        "logging_steps": 50,  # log_freq
-        "max_txt_len": 32,
-        "end_symbol": "\n",
-        "prompt_template": "",  # no prompt: [BOS][image][caption + "\n"]
-        "clean_captions": True,  # blip_caption text processor
-    },
+    "learning_rate": 1e-4,  # init_lr
+    "min_lr": 8e-5,
+    "warmup_lr": 1e-6,
+    "warmup_steps": 5000,
+    "weight_decay": 0.05,
+    "max_steps": 20000,
+    "per_device_train_batch_size": 64,
+    "max_grad_norm": 0.0,  # the original never clips gradients
+    "seed": 42,
+    "save_steps": 5000,  # the original saved a checkpoint per 5000-iteration "epoch"
+    "logging_steps": 50,  # log_freq
+    "max_txt_len": 32,
+    "end_symbol": "\n",
+    "prompt_template": "",  # no prompt: [BOS][image][caption + "\n"]
+    "clean_captions": True,  # blip_caption text processor
+}
+_STAGE2 = {
     # train_configs/minigpt4_stage2_finetune.yaml: cc_sbu_align, 5 "epochs" x 200 iterations, batch 12, 1 GPU.
-    2: {
-        "learning_rate": 3e-5,
-        "min_lr": 1e-5,
-        "warmup_lr": 1e-6,
-        "warmup_steps": 200,
-        "weight_decay": 0.05,
-        "max_steps": 1000,
-        "per_device_train_batch_size": 12,
-        "max_grad_norm": 0.0,
-        "seed": 42,
-        "save_steps": 200,
-        "logging_steps": 50,
-        "max_txt_len": 160,
-        "end_symbol": "###",
-        "prompt_template": STAGE2_PROMPT_TEMPLATE,
-        "clean_captions": False,  # CCSBUAlignDataset used the captions raw
+    "learning_rate": 3e-5,
+    "min_lr": 1e-5,
+    "warmup_lr": 1e-6,
+    "warmup_steps": 200,
+    "weight_decay": 0.05,
+    "max_steps": 1000,
+    "per_device_train_batch_size": 12,
+    "max_grad_norm": 0.0,
+    "seed": 42,
+    "save_steps": 200,
+    "logging_steps": 50,
+    "max_txt_len": 160,
+    "end_symbol": "###",
+    "prompt_template": STAGE2_PROMPT_TEMPLATE,
+    "clean_captions": False,  # CCSBUAlignDataset used the captions raw
+}
+
+# What `--variant V --stage N` sets; every value can be overridden on the command line. Keys are the flag names of
+# scripts/train.py (TrainingArguments fields and the script's own data/model fields).
+TRAINING_PRESETS: dict[str, dict[int, dict[str, Any]]] = {
+    "vicuna0": {1: _STAGE1, 2: _STAGE2},
+    "llama2": {
+        # minigpt4_llama2_stage1_pretrain.yaml sets only the model type: the defaults of stage 1 apply (no prompt,
+        # end "\n", max_txt_len 32).
+        1: dict(_STAGE1),
+        # minigpt4_llama2_stage2_finetune.yaml: the Llama-2 template and its end of sequence.
+        2: {**_STAGE2, "end_symbol": "</s>", "prompt_template": LLAMA2_PROMPT_TEMPLATE},
+    },
+    "v2": {
+        # minigptv2_finetune.yaml (the released stage-3 fine-tuning, from the stage-2 checkpoint): 50 "epochs" x
+        # 1000 iterations, LoRA r 64 / alpha 16 on q_proj and v_proj (dropout 0.05, minigpt_v2.py's default),
+        # 448 px squashed (boxes in the answers stay true), answers up to 1024 tokens ending in "</s>". The
+        # original drew a dataset per iteration with its own batch size (2-6); here one batch size serves all.
+        3: {
+            "learning_rate": 1e-5,
+            "min_lr": 1e-6,
+            "warmup_lr": 1e-6,
+            "warmup_steps": 1000,
+            "weight_decay": 0.05,
+            "max_steps": 50000,
+            "per_device_train_batch_size": 6,
+            "max_grad_norm": 0.0,
+            "seed": 42,
+            "save_steps": 1000,
+            "logging_steps": 50,
+            "max_txt_len": 1024,
+            "end_symbol": "</s>",
+            "prompt_template": V2_PROMPT_TEMPLATE,
+            "instruction_format": V2_IMAGE_INSTRUCTION_FORMAT,
+            "followup_format": "{} ",
+            "clean_captions": False,
+            "image_transform": "resize",
+            "lora_r": 64,
+            "lora_alpha": 16,
+            "lora_dropout": 0.05,
+            "lora_target_modules": ["q_proj", "v_proj"],
+        },
     },
 }
+# The Vicuna v0 presets by stage (the same dicts).
+STAGE_PRESETS: dict[int, dict[str, Any]] = TRAINING_PRESETS["vicuna0"]
 
 IMAGE_TRANSFORMS = ("random_resized_crop", "resize")
 
@@ -275,16 +337,28 @@ def sample_rng(seed: int, epoch: int, sample_key: str | int) -> random.Random:
 @dataclass
 class SampleFormatter:
     """
-    Turns a record into what the collator needs: `{"image": PIL (size x size), "prompt": str, "target": str,
-    "sample_id": str}`.
+    Turns a record into what the collator needs: `{"image": PIL (size x size) or None, "prompt": str, "target": str
+    or list[str], "sample_id": str}`.
+
+    A record with an `instruction` is prompted with it (put with its image by `instruction_format`, then into
+    `prompt_template`); one with a `conversation` (multi-turn, see `conversation_turns`) gets its first question as
+    the prompt and the list `[answer 1, "<s>" + question 2, answer 2, ...]` as the target, as the original's
+    conversation datasets and `tokenize_conversation`; a plain caption record gets one of `prompts`. A record with an
+    instruction or a conversation but no image is a text-only sample.
 
     Args:
         image_transform: the training image transform (size = the model's image size).
         prompts: full prompts, each with one `<ImageHere>` (stage 2: the four alignment prompts in the template), one
             drawn at random per sample; empty for no prompt (stage 1: the text is `<ImageHere>` alone).
-        end_symbol: appended to each caption (`end_sym`: `"\\n"` in stage 1, `"###"` in stage 2).
+        end_symbol: appended to each answer (`end_sym`: `"\\n"` in stage 1, `"###"` in stage 2, `"</s>"` for Llama-2
+            and MiniGPT-v2, which the processor reads as the EOS id).
         clean_captions: apply `clean_caption` (the `blip_caption` processor; stage 1).
         max_caption_words: word limit of `clean_caption`.
+        prompt_template: wraps a record's instruction and each question of a conversation (`"[INST] {} [/INST]"`);
+            empty: used as they are.
+        instruction_format: puts an instruction (and a conversation's first question) with the image, unless it
+            holds `<ImageHere>` itself (MiniGPT-v2: `"<Img><ImageHere></Img> {} "`).
+        followup_format: the later questions of a conversation (MiniGPT-v2: `"{} "`).
     """
 
     image_transform: TrainingImageTransform
@@ -292,16 +366,90 @@ class SampleFormatter:
     end_symbol: str = "###"
     clean_captions: bool = False
     max_caption_words: int = CAPTION_MAX_WORDS
+    prompt_template: str = ""
+    instruction_format: str = IMAGE_INSTRUCTION_FORMAT
+    followup_format: str = "{}"
 
     def __call__(self, record: dict, rng: random.Random, base_dir: str | os.PathLike | None = None) -> dict:
-        text = record.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise UnusableSampleError("the record has no caption text")
-        image = self.image_transform(open_image(record.get("image"), base_dir), rng)
-        caption = clean_caption(text, self.max_caption_words) if self.clean_captions else text
-        prompt = rng.choice(self.prompts) if self.prompts else DEFAULT_IMAGE_TOKEN
-        return {"image": image, "prompt": prompt, "target": caption + self.end_symbol,
-                "sample_id": str(record.get("sample_id"))}
+        turns = conversation_turns(record.get("conversation"))
+        instruction = record.get("instruction")
+        instruction = instruction.strip() if isinstance(instruction, str) and instruction.strip() else None
+        if turns:
+            answer = turns[0][1]
+        else:
+            answer = record.get("text")
+            if not isinstance(answer, str) or not answer.strip():
+                raise UnusableSampleError("the record has no caption text")
+        text_only = record.get("image") is None and (turns or instruction)
+        image = None if text_only else self.image_transform(open_image(record.get("image"), base_dir), rng)
+        if turns:
+            first_question = turns[0][0].replace("<image>", "").replace("\n", "").strip()
+            prompt = self._wrap(self._with_image(first_question, image is not None))
+            target = [answer + self.end_symbol]
+            for question, later_answer in turns[1:]:
+                target += [BOS_TEXT + self._wrap(self.followup_format.format(question)), later_answer + self.end_symbol]
+            target = target[0] if len(target) == 1 else target
+        else:
+            caption = clean_caption(answer, self.max_caption_words) if self.clean_captions else answer
+            if instruction is not None:
+                prompt = self._wrap(self._with_image(instruction, image is not None))
+            else:
+                prompt = rng.choice(self.prompts) if self.prompts else DEFAULT_IMAGE_TOKEN
+            target = caption + self.end_symbol
+        return {"image": image, "prompt": prompt, "target": target, "sample_id": str(record.get("sample_id"))}
+
+    def _with_image(self, instruction: str, has_image: bool) -> str:
+        if DEFAULT_IMAGE_TOKEN in instruction:
+            if not has_image:
+                raise UnusableSampleError(f"the instruction has {DEFAULT_IMAGE_TOKEN} but the record has no image")
+            return instruction
+        return self.instruction_format.format(instruction) if has_image else instruction
+
+    def _wrap(self, text: str) -> str:
+        return self.prompt_template.format(text) if self.prompt_template else text
+
+
+# Who speaks in a conversation record: LLaVA's `{"from": "human" | "gpt", "value"}` or chat messages'
+# `{"role": "user" | "assistant", "content"}`.
+_QUESTION_ROLES = ("human", "user")
+_ANSWER_ROLES = ("gpt", "assistant")
+
+
+def conversation_turns(value: Any) -> list[tuple[str, str]]:
+    """
+    The `(question, answer)` pairs of a conversation record: a list (or its JSON text) of LLaVA turns
+    (`{"from": "human"|"gpt", "value": ...}`) or chat messages (`{"role": "user"|"assistant", "content": ...}`),
+    alternating, starting with a question and ending with an answer. None or empty: no conversation.
+
+    Raises:
+        UnusableSampleError: turns out of order, unknown speakers, or not text.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise UnusableSampleError(f"the conversation is not valid JSON ({error})") from None
+    texts, speakers = [], []
+    for turn in value:
+        if not isinstance(turn, dict):
+            raise UnusableSampleError(f"a conversation turn is a {type(turn).__name__}, not a dict")
+        speaker = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        if isinstance(text, list):  # chat-message parts: the text parts
+            text = " ".join(part.get("text", "") for part in text if isinstance(part, dict) and part.get("type") == "text")
+        if not isinstance(text, str):
+            raise UnusableSampleError(f"a conversation turn of {speaker!r} has no text")
+        speakers.append(speaker)
+        texts.append(text)
+    expected = [_QUESTION_ROLES if index % 2 == 0 else _ANSWER_ROLES for index in range(len(speakers))]
+    if not speakers or len(speakers) % 2 or any(who not in roles for who, roles in zip(speakers, expected)):
+        raise UnusableSampleError(
+            f"the conversation's turns {speakers} do not alternate question (human/user) and answer (gpt/assistant), "
+            "starting with a question and ending with an answer"
+        )
+    return list(zip(texts[0::2], texts[1::2]))
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
@@ -312,8 +460,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
     taken by the next readable sample, so batches keep their size and every process sees the same data.
 
     Args:
-        records: rows with an image, a text and optionally an id, in the columns `columns` names.
-        columns: `{"image": name, "text": name, "id": name or None}`.
+        records: rows with an image, a text and optionally an id, instruction or conversation, in the columns
+            `columns` names.
+        columns: `{"image": name, "text": name, "id": name or None}`, optionally `"instruction"` and
+            `"conversation"` (see `row_to_record`).
         formatter: the per-sample formatting.
         seed: seeds the per-sample crop and prompt draws (with the epoch, see `sample_rng`).
         base_dir: where relative image paths start.
@@ -338,10 +488,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def record(self, index: int) -> dict:
-        row = self.records[index]
-        id_column = self.columns.get("id")
-        sample_id = row[id_column] if id_column else index
-        return {"image": row[self.columns["image"]], "text": row[self.columns["text"]], "sample_id": str(sample_id)}
+        return row_to_record(self.records[index], self.columns, index)
 
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self)):
@@ -425,6 +572,9 @@ class TrainingData:
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_path", "file_name", "path")
 TEXT_COLUMN_CANDIDATES = ("caption", "text", "description", "answer", "txt", "caption_en")
 ID_COLUMN_CANDIDATES = ("image_id", "id", "__key__", "key")
+# A task instruction per row (MiniGPT-v2's `instruction_input`), and a multi-turn conversation per row.
+INSTRUCTION_COLUMN_CANDIDATES = ("instruction", "instruction_input", "question")
+CONVERSATION_COLUMN_CANDIDATES = ("conversations", "conversation", "messages")
 WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -432,7 +582,32 @@ def _record_features():
     import datasets
 
     return datasets.Features({"image": datasets.Image(decode=False), "text": datasets.Value("string"),
+                              "instruction": datasets.Value("string"), "conversation": datasets.Value("string"),
                               "sample_id": datasets.Value("string")})
+
+
+def row_to_record(row: dict, columns: dict[str, str | None], index: int, base_dir: str | None = None) -> dict:
+    """
+    One data row as a training record: `{"image", "text", "instruction", "conversation", "sample_id"}`, each from the
+    column `columns` names for it (None: absent). The conversation is kept as JSON text (one type for every source
+    of a mixture); `conversation_turns` reads it. With `base_dir`, relative image paths are made absolute.
+    """
+    def column(name: str):
+        return row[columns[name]] if columns.get(name) else None
+
+    image = column("image")
+    if isinstance(image, str):
+        image = {"bytes": None, "path": image}
+    if base_dir is not None and isinstance(image, dict) and image.get("path") and not image.get("bytes"):
+        path = Path(image["path"])
+        if not path.is_absolute() and not path.exists():
+            image = {"bytes": None, "path": str(Path(base_dir) / path)}
+    conversation = column("conversation")
+    if conversation is not None and not isinstance(conversation, str):
+        conversation = json.dumps(conversation, ensure_ascii=False)
+    sample_id = column("id")
+    return {"image": image, "text": column("text"), "instruction": column("instruction"),
+            "conversation": conversation, "sample_id": str(index if sample_id is None else sample_id)}
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -462,7 +637,8 @@ def find_webdataset_shards(path: str) -> list[str]:
     return []
 
 
-def _pick_column(names: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, source: str) -> str:
+def _pick_column(names: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, source: str,
+                 required: bool = True) -> str | None:
     if wanted:
         if wanted not in names:
             raise ValueError(f"{source} has no column {wanted!r} (the {what} column); its columns: {list(names)}.")
@@ -470,6 +646,8 @@ def _pick_column(names: Sequence[str], wanted: str | None, candidates: Sequence[
     for candidate in candidates:
         if candidate in names:
             return candidate
+    if not required:
+        return None
     raise ValueError(
         f"Cannot tell which column of {source} holds the {what}; its columns: {list(names)}. "
         f"Name it with --{what}_column."
@@ -494,7 +672,7 @@ def load_cc_sbu_align(folder: str | os.PathLike, skipped: SkippedImages | None =
             '{"annotations": [{"image_id": "2", "caption": "..."}, ...]}.'
         ) from None
     skipped = skipped if skipped is not None else SkippedImages()
-    rows = {"image": [], "text": [], "sample_id": []}
+    rows = {"image": [], "text": [], "instruction": [], "conversation": [], "sample_id": []}
     for entry in annotations:
         image_id = str(entry["image_id"])
         path = folder / "image" / f"{image_id}.jpg"
@@ -503,26 +681,33 @@ def load_cc_sbu_align(folder: str | os.PathLike, skipped: SkippedImages | None =
             continue
         rows["image"].append({"bytes": None, "path": str(path.resolve())})
         rows["text"].append(entry["caption"])
+        rows["instruction"].append(None)
+        rows["conversation"].append(None)
         rows["sample_id"].append(image_id)
     return datasets.Dataset.from_dict(rows, features=_record_features())
 
 
 def load_image_text_source(path: str, image_column: str | None = None, text_column: str | None = None,
-                           skipped: SkippedImages | None = None) -> tuple[Any, dict[str, str | None], str | None]:
+                           skipped: SkippedImages | None = None, instruction_column: str | None = None,
+                           conversation_column: str | None = None) -> tuple[Any, dict[str, str | None], str | None]:
     """
     Opens one data source as a `datasets` dataset without decoding its images.
 
     `path` is a `cc_sbu_align` folder, a folder / glob / `{000..999}` pattern / file of webdataset `.tar` shards
     (`jpg` + `json` with a `caption` field or `txt`), a dataset saved with `save_to_disk`, a data file or folder
-    `datasets.load_dataset` reads (json, csv, parquet, imagefolder), or a Hub dataset id.
+    `datasets.load_dataset` reads (json, csv, parquet, imagefolder), or a Hub dataset id. Rows of data files and
+    datasets may hold a task instruction (prompting the sample with it) or a multi-turn conversation (LLaVA's
+    `conversations`, or chat `messages`) instead of a caption; rows with those need no image (text-only samples).
 
     Returns:
         `(dataset, columns, base_dir)`: a map-style `datasets.Dataset` or a streaming `datasets.IterableDataset`;
-        `columns` = `{"image", "text", "id"}` column names in it; `base_dir` = where relative image paths start.
+        `columns` = `{"image", "text", "instruction", "conversation", "id"}` column names in it (None: absent);
+        `base_dir` = where relative image paths start.
     """
     import datasets
 
-    record_columns = {"image": "image", "text": "text", "id": "sample_id"}
+    record_columns = {"image": "image", "text": "text", "instruction": "instruction", "conversation": "conversation",
+                      "id": "sample_id"}
     if os.path.isfile(os.path.join(path, "filter_cap.json")):
         return load_cc_sbu_align(path, skipped), record_columns, None
 
@@ -547,7 +732,8 @@ def load_image_text_source(path: str, image_column: str | None = None, text_colu
                 text = row.get(text_column)
             else:
                 text = (row.get("json") or {}).get("caption") or row.get("txt")
-            return {"image": row.get(image_key), "text": text, "sample_id": f"{row['__url__']}#{row['__key__']}"}
+            return {"image": row.get(image_key), "text": text, "instruction": None, "conversation": None,
+                    "sample_id": f"{row['__url__']}#{row['__key__']}"}
 
         stream = stream.map(to_record, remove_columns=names, features=_record_features())
         return stream, record_columns, None
@@ -580,12 +766,19 @@ def load_image_text_source(path: str, image_column: str | None = None, text_colu
             raise ValueError(f"{path} has the splits {list(dataset)} but no 'train' split.")
         dataset = dataset["train"]
     names = dataset.column_names
+    conversation = _pick_column(names, conversation_column, CONVERSATION_COLUMN_CANDIDATES, "conversation", path,
+                                required=False)
+    instruction = _pick_column(names, instruction_column, INSTRUCTION_COLUMN_CANDIDATES, "instruction", path,
+                               required=False)
     columns = {
-        "image": _pick_column(names, image_column, IMAGE_COLUMN_CANDIDATES, "image", path),
-        "text": _pick_column(names, text_column, TEXT_COLUMN_CANDIDATES, "text", path),
+        "image": _pick_column(names, image_column, IMAGE_COLUMN_CANDIDATES, "image", path,
+                              required=not (conversation or instruction)),
+        "text": _pick_column(names, text_column, TEXT_COLUMN_CANDIDATES, "text", path, required=not conversation),
+        "instruction": instruction,
+        "conversation": conversation,
         "id": next((name for name in ID_COLUMN_CANDIDATES if name in names), None),
     }
-    if isinstance(dataset.features.get(columns["image"]), datasets.Image):
+    if columns["image"] and isinstance(dataset.features.get(columns["image"]), datasets.Image):
         dataset = dataset.cast_column(columns["image"], datasets.Image(decode=False))
     return dataset, columns, base_dir
 
@@ -598,6 +791,8 @@ def build_training_dataset(
     text_column: str | None = None,
     seed: int = 42,
     shuffle_buffer: int = 1000,
+    instruction_column: str | None = None,
+    conversation_column: str | None = None,
 ) -> TrainingData:
     """
     The training data over one or more sources (see `load_image_text_source`).
@@ -620,7 +815,10 @@ def build_training_dataset(
     if any(ratio <= 0 for ratio in ratios):
         raise ValueError(f"--data_ratios must be positive, got {ratios}.")
     skipped = SkippedImages()
-    sources = [load_image_text_source(path, image_column, text_column, skipped) for path in data_paths]
+    sources = [
+        load_image_text_source(path, image_column, text_column, skipped, instruction_column, conversation_column)
+        for path in data_paths
+    ]
 
     if len(sources) == 1 and not isinstance(sources[0][0], datasets.IterableDataset):
         dataset, columns, base_dir = sources[0]
@@ -645,18 +843,10 @@ def build_training_dataset(
 
 
 def _records_stream(dataset, columns: dict[str, str | None], base_dir: str | None):
-    """A map-style dataset as a stream of records (image paths made absolute), for mixing with shards."""
+    """A map-style dataset as a stream of records (image paths made absolute), for mixing with other sources."""
 
     def to_record(row: dict, index: int) -> dict:
-        image = row[columns["image"]]
-        if isinstance(image, str):
-            image = {"bytes": None, "path": image}
-        if base_dir is not None and isinstance(image, dict) and image.get("path") and not image.get("bytes"):
-            path = Path(image["path"])
-            if not path.is_absolute() and not path.exists():
-                image = {"bytes": None, "path": str(Path(base_dir) / path)}
-        sample_id = row[columns["id"]] if columns.get("id") else index
-        return {"image": image, "text": row[columns["text"]], "sample_id": str(sample_id)}
+        return row_to_record(row, columns, index, base_dir)
 
     stream = dataset.to_iterable_dataset(num_shards=min(64, max(1, len(dataset))))
     return stream.map(to_record, with_indices=True, remove_columns=list(dataset.column_names),
@@ -671,8 +861,9 @@ def _records_stream(dataset, columns: dict[str, str | None], base_dir: str | Non
 class TrainingCollator:
     """
     Batches formatted samples with the processor's `suffix=` path: `input_ids` = [BOS] prompt (image tokens inside)
-    target, right padded; `labels` = the target tokens (end symbol included, cut to `max_txt_len` tokens as the
-    original did), -100 elsewhere; `pixel_values` from the (already cropped) images.
+    target, right padded; `labels` = the target's answer tokens (end symbol included, cut to `max_txt_len` tokens as
+    the original did; a conversation's later questions unlabelled), -100 elsewhere; `pixel_values` from the (already
+    cropped) images of the samples that have one.
     """
 
     processor: Any
@@ -686,8 +877,11 @@ class TrainingCollator:
                 f"The collator needs the sample fields {needed}, got {keys}. Trainer removed them: set "
                 "remove_unused_columns=False (scripts/train.py does)."
             )
+        images = [sample["image"] for sample in samples]
+        if any(image is None for image in images):  # text-only samples: the images row by row
+            images = [[] if image is None else [image] for image in images]
         batch = self.processor(
-            images=[sample["image"] for sample in samples],
+            images=images,
             text=[sample["prompt"] for sample in samples],
             suffix=[sample["target"] for sample in samples],
             max_txt_len=self.max_txt_len,
@@ -1007,8 +1201,11 @@ def save_trained_model(model: nn.Module, processor, output_dir: str | os.PathLik
 
 __all__ = [
     "ALIGNMENT_PROMPTS",
+    "LLAMA2_PROMPT_TEMPLATE",
     "STAGE2_PROMPT_TEMPLATE",
     "STAGE_PRESETS",
+    "TRAINING_PRESETS",
+    "V2_PROMPT_TEMPLATE",
     "ImageTextDataset",
     "LinearWarmupCosineSchedule",
     "MiniGPT4Trainer",
@@ -1021,6 +1218,7 @@ __all__ = [
     "TrainingImageTransform",
     "build_training_dataset",
     "clean_caption",
+    "conversation_turns",
     "expand_prompts",
     "init_projection",
     "load_cc_sbu_align",
@@ -1028,5 +1226,6 @@ __all__ = [
     "load_projection_weights",
     "prepare_model_for_training",
     "random_resized_crop_box",
+    "row_to_record",
     "save_trained_model",
 ]

@@ -9,8 +9,9 @@ Converts the original MiniGPT-4 checkpoints into one Hub-ready folder that loads
         --projection-checkpoint pretrained_minigpt4.pth \\
         --output-dir minigpt4-vicuna-13b
 
-`--blip2 Salesforce/blip2-flan-t5-xxl` (or a local BLIP-2 folder) replaces the first two files. MiniGPT-4 with
-Llama-2 and MiniGPT-v2 need no Q-Former file:
+`--blip2 Salesforce/blip2-flan-t5-xxl` (or a local BLIP-2 folder) replaces the first two files, and
+`--llama-base llama-13b/ --vicuna-delta lmsys/vicuna-13b-delta-v0` replaces `--llm` (Vicuna v0 is built from LLaMA
+and the delta while converting). MiniGPT-4 with Llama-2 and MiniGPT-v2 need no Q-Former file:
 
     python scripts/convert_original_checkpoint.py \\
         --vit-checkpoint eva_vit_g.pth \\
@@ -21,25 +22,26 @@ Llama-2 and MiniGPT-v2 need no Q-Former file:
 The family (`--variant vicuna0|llama2|v2`) is read from the projection checkpoint; MiniGPT-v2's LoRA is merged into
 the language model (`--lora merge`) or written as a PEFT adapter into `adapter/` (`--lora adapter`). The output holds
 `config.json` (with `auto_map`), `generation_config.json` (the original chat defaults), sharded safetensors, the
-processor and tokenizer (with the chat template), the three code files and a model card (`README.md`). It is written
-into a temporary folder next to `--output-dir` and renamed at the end, so a failed run leaves nothing behind.
+processor and tokenizer (with the chat template), the three code files and a model card (`README.md`). Inputs are
+read memory-mapped and written tensor by tensor, so memory stays bounded whatever the model size. The output is
+written into a temporary folder next to `--output-dir` and renamed at the end, so a failed run leaves nothing behind.
 """
 
 import argparse
 import math
-import os
 import shutil
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi, split_torch_state_dict_into_shards
+from minigpt4_hf.files import atomic_path
 from minigpt4_hf.model_card import build_model_card, default_base_models, original_generation_config, record_inputs
 from minigpt4_hf.conversion import (
     BLIP2_KEPT_PREFIXES,
     KINDS,
+    LLAMA_BASE_KIND,
+    VICUNA_DELTA_KIND,
     RELEASED_LORA_ALPHA,
     ConversionError,
     check_against_model,
@@ -47,6 +49,7 @@ from minigpt4_hf.conversion import (
     derive_config,
     detect_variant,
     download_blip2_parts,
+    download_checkpoint,
     drop_qformer_parts,
     plan_conversion,
     plan_default_layernorm,
@@ -57,6 +60,7 @@ from minigpt4_hf.conversion import (
     read_config_overrides,
     read_torch_checkpoint,
     read_transformers_weights,
+    read_vicuna_delta,
     save_sharded_safetensors,
     summarize_ignored,
     text_config_dict,
@@ -80,6 +84,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # The PEFT adapter's folder inside --output-dir (`--lora adapter`).
 ADAPTER_DIR = "adapter"
 CODE_MODULES = (configuration_minigpt4, modeling_minigpt4, processing_minigpt4)
+# What a Vicuna delta on the Hub is fetched with besides its weights (the tokenizer comes from the delta).
+DELTA_SIDE_FILES = (
+    "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,8 +108,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a transformers BLIP-2 checkpoint (folder or Hub id, e.g. Salesforce/blip2-flan-t5-xxl) giving the ViT, "
         "ln_vision, Q-Former and query tokens instead of --vit-checkpoint and --qformer-checkpoint",
     )
-    sources.add_argument("--llm", required=True, metavar="DIR", help="Vicuna v0 / Llama-2-7B-chat folder (transformers "
-                         "format) with its tokenizer")
+    sources.add_argument("--llm", metavar="DIR", help="Vicuna v0 / Llama-2-7B-chat folder (transformers format) with "
+                         "its tokenizer")
+    sources.add_argument("--llama-base", "--llama_base", metavar="DIR",
+                         help="LLaMA folder (transformers format) to build Vicuna v0 from, with --vicuna-delta, "
+                         "instead of --llm")
+    sources.add_argument("--vicuna-delta", "--vicuna_delta", metavar="DIR_OR_ID",
+                         help="the Vicuna v0 delta (folder or Hub id: lmsys/vicuna-7b-delta-v0, "
+                         "lmsys/vicuna-13b-delta-v0) added to --llama-base; its tokenizer is used")
     sources.add_argument("--projection-checkpoint", required=True,
                          help="pretrained_minigpt4.pth / prerained_minigpt4_7b.pth / pretrained_minigpt4_llama2_7b.pth "
                          "/ minigptv2_checkpoint.pth ({'model': {llama_proj.*, LoRA tensors}})")
@@ -139,6 +154,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("pass --vit-checkpoint (and --qformer-checkpoint for MiniGPT-4 with Vicuna), or --blip2.")
     if args.lora_alpha <= 0:
         parser.error(f"--lora-alpha must be positive, got {args.lora_alpha:g}.")
+    if args.llm and (args.llama_base or args.vicuna_delta):
+        parser.error("--llama-base and --vicuna-delta build the language model that --llm would give; pass one or "
+                     "the other.")
+    if not args.llm and not (args.llama_base and args.vicuna_delta):
+        parser.error("pass --llm (a Vicuna v0 or Llama-2-7B-chat folder), or --llama-base with --vicuna-delta to "
+                     "build Vicuna v0.")
     if args.private and not args.push_to_hub:
         parser.error("--private only applies with --push-to-hub.")
     try:
@@ -146,38 +167,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as error:
         parser.error(f"--max-shard-size {args.max_shard_size!r}: {error}")
     return args
-
-
-@contextmanager
-def staged_output(output_dir: Path, overwrite: bool):
-    """Yields a temporary folder beside `output_dir`, renamed to it on success and deleted on any failure."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        yield staging
-        _set_default_permissions(staging)
-        if output_dir.exists():
-            if not overwrite:  # appeared while converting
-                raise ConversionError(f"--output-dir {output_dir} exists; pass --overwrite to replace it.")
-            previous = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            output_dir.rename(previous / output_dir.name)
-            staging.rename(output_dir)
-            shutil.rmtree(previous)
-        else:
-            staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _set_default_permissions(folder: Path) -> None:
-    """Gives the folder and its files the modes of a plain `mkdir` / `open` (temporary files start private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
 
 
 def read_vision_inputs(args: argparse.Namespace):
@@ -204,24 +193,46 @@ def read_vision_inputs(args: argparse.Namespace):
     return [vit, qformer], {}, [("--vit-checkpoint", vit.paths), ("--qformer-checkpoint", qformer.paths)]
 
 
-def read_language_model(llm_dir: Path):
-    """`(weights, config dict, tokenizer)` of the `--llm` folder."""
-    weights = read_transformers_weights(llm_dir, KINDS["llm"])
+def read_language_model(args: argparse.Namespace):
+    """
+    `(weights, config dict, tokenizer, [(flag, files read)])` of the language model: the `--llm` folder, or Vicuna v0
+    built from `--llama-base` + `--vicuna-delta` (the base's config, the delta's tokenizer, as FastChat saved them).
+    """
+    if args.llm:
+        llm_dir = Path(args.llm)
+        weights = read_transformers_weights(llm_dir, KINDS["llm"])
+        config_dir, tokenizer_dir = llm_dir, llm_dir
+        config_flag = tokenizer_flag = f"--llm {llm_dir}"
+        files_read = [("--llm", sorted(path for path in llm_dir.iterdir() if path.is_file()))]
+    else:
+        base_dir = Path(args.llama_base)
+        local = Path(args.vicuna_delta)
+        delta_dir = local if local.exists() else download_checkpoint(
+            args.vicuna_delta, "--vicuna-delta", side_files=DELTA_SIDE_FILES
+        )
+        base = read_transformers_weights(base_dir, LLAMA_BASE_KIND)
+        delta = read_transformers_weights(delta_dir, VICUNA_DELTA_KIND)
+        weights = read_vicuna_delta(base, delta)
+        config_dir, config_flag = base_dir, f"--llama-base {base_dir}"
+        tokenizer_dir, tokenizer_flag = delta_dir, f"--vicuna-delta {args.vicuna_delta}"
+        files_read = [("--llama-base", base.paths), ("--vicuna-delta", delta.paths)]
+        print(f"Building Vicuna v0 from --llama-base {base_dir} + --vicuna-delta {args.vicuna_delta} "
+              "(float16, as FastChat's apply_delta) while writing.")
     try:
-        text_config = text_config_dict(AutoConfig.from_pretrained(llm_dir))
+        text_config = text_config_dict(AutoConfig.from_pretrained(config_dir))
     except Exception as error:  # noqa: BLE001
-        raise ConversionError(f"--llm {llm_dir}: cannot read its config.json ({error}).") from None
+        raise ConversionError(f"{config_flag}: cannot read its config.json ({error}).") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except Exception as error:  # noqa: BLE001
         raise ConversionError(
-            f"--llm {llm_dir}: cannot load its tokenizer ({type(error).__name__}: {error}). A folder with only "
+            f"{tokenizer_flag}: cannot load its tokenizer ({type(error).__name__}: {error}). A folder with only "
             "tokenizer.model needs `pip install sentencepiece protobuf`."
         ) from None
-    return weights, text_config, tokenizer
+    return weights, text_config, tokenizer, files_read
 
 
-def check_vocabulary(tokenizer, plan, llm_dir: Path) -> int:
+def check_vocabulary(tokenizer, plan, llm_flag: str) -> int:
     """Returns the embedding rows; raises when the tokenizer does not fit them (the Vicuna v0 / v1.1 trap)."""
     embedding_keys = [key for key in plan.tensors if key.startswith("model.language_model.") and "embed_tokens" in key]
     if not embedding_keys:
@@ -230,7 +241,7 @@ def check_vocabulary(tokenizer, plan, llm_dir: Path) -> int:
     rows = embedding.shape[0]
     if len(tokenizer) != rows:
         raise ConversionError(
-            f"--llm {llm_dir}: the tokenizer has {len(tokenizer)} tokens but the embedding "
+            f"{llm_flag}: the tokenizer has {len(tokenizer)} tokens but the embedding "
             f"({embedding.describe()}) has {rows} rows. They must match: MiniGPT-4 was trained with Vicuna v0, whose "
             "vocabulary is 32001 (LLaMA's 32000 + '[PAD]'); Vicuna v1.1 and later have 32000. Use the tokenizer that "
             "came with these weights (for v0, with its added_tokens.json), and the Vicuna version MiniGPT-4 expects."
@@ -247,13 +258,12 @@ def convert(args: argparse.Namespace) -> Path:
         raise ConversionError(f"--output-dir {output_dir} is a file, not a folder.")
     overrides = read_config_overrides(args.config_overrides)
     dtype = DTYPES[args.dtype]
-    llm_dir = Path(args.llm)
 
     print("Reading the input files ...")
     vision_inputs, base, files_read = read_vision_inputs(args)
     projection = read_torch_checkpoint(args.projection_checkpoint, KINDS["projection"], args.allow_unsafe_pickle)
     lora_tensors = split_lora_tensors(projection)
-    language_model, text_config, tokenizer = read_language_model(llm_dir)
+    language_model, text_config, tokenizer, llm_files = read_language_model(args)
     plan = plan_conversion([*vision_inputs, projection, language_model])
 
     variant = detect_variant(plan, has_lora=bool(lora_tensors), requested=args.variant,
@@ -271,8 +281,8 @@ def convert(args: argparse.Namespace) -> Path:
     if lora is not None and args.lora == "merge":
         plan_lora_merge(plan, lora)
 
-    text_config["vocab_size"] = check_vocabulary(tokenizer, plan, llm_dir)
-    check_vocabulary_fits_variant(text_config["vocab_size"], variant, llm_dir)
+    text_config["vocab_size"] = check_vocabulary(tokenizer, plan, language_model.origin)
+    check_vocabulary_fits_variant(text_config["vocab_size"], variant, language_model.origin)
     tokenizer = sentencepiece_faithful_tokenizer(tokenizer)
     config = derive_config(
         plan, text_config, overrides, base=base, variant=variant,
@@ -295,8 +305,7 @@ def convert(args: argparse.Namespace) -> Path:
         print(line)
 
     # Provenance: hashed only once every check has passed (the real inputs are tens of GB).
-    files_read += [("--projection-checkpoint", projection.paths),
-                   ("--llm", sorted(path for path in llm_dir.iterdir() if path.is_file()))]
+    files_read += [("--projection-checkpoint", projection.paths), *llm_files]
     records = [record for flag, paths in files_read for record in record_inputs(flag, paths)]
     parameter_counts = {name: math.prod(plan.tensors[name].shape) for name in names}
     card = build_model_card(
@@ -316,7 +325,7 @@ def convert(args: argparse.Namespace) -> Path:
         return dtype
 
     print(f"Writing {len(names)} tensors ({sum(parameter_counts.values()) / 1e6:,.1f} M parameters, {args.dtype}) ...")
-    with staged_output(output_dir, args.overwrite) as staging:
+    with atomic_path(output_dir, directory=True) as staging:
         save_sharded_safetensors(plan, names, staging, dtype_of, args.max_shard_size)
         config.save_pretrained(staging)
         original_generation_config(processor.tokenizer, variant).save_pretrained(staging)
@@ -326,6 +335,8 @@ def convert(args: argparse.Namespace) -> Path:
         for module in CODE_MODULES:
             shutil.copy(module.__file__, staging / Path(module.__file__).name)
         card.save(staging / "README.md")
+        if output_dir.exists() and not args.overwrite:  # appeared while converting
+            raise ConversionError(f"--output-dir {output_dir} exists; pass --overwrite to replace it.")
     print(f"Saved to {output_dir}")
     return output_dir
 
@@ -354,13 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         output_dir = convert(args)
-    except ConversionError as error:
+    except ConversionError as error:  # bad input
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     if args.push_to_hub:
         try:
             push_to_hub(output_dir, args.push_to_hub, args.private)
-        except ConversionError as error:
+        except ConversionError as error:  # the network or the Hub, not the input
             print(f"{PROG}: error: {error}", file=sys.stderr)
             return 1
     return 0

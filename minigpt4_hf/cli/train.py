@@ -1,15 +1,18 @@
 """
-Two-stage MiniGPT-4 training with the stock transformers `Trainer`.
+MiniGPT-4 / MiniGPT-v2 training with the stock transformers `Trainer`.
 
-    python scripts/train.py --stage {1,2} --model_name_or_path DIR_OR_ID --data_path PATH --output_dir DIR \\
+    python scripts/train.py [--variant {vicuna0,llama2,v2}] --stage N --model_name_or_path DIR_OR_ID \\
+        --data_path PATH [PATH ...] [--data_ratios R ...] --output_dir DIR \\
         [any TrainingArguments flag] [--init_projection FILE] [--lora_r 64 ...] [--unfreeze_qformer]
 
-`--stage 1` / `--stage 2` fill in the original recipe (see `training_data.STAGE_PRESETS`); any flag given on the
-command line wins over the preset. The same command runs under `torchrun`, `accelerate launch` and DeepSpeed
-(`--deepspeed scripts/ds_zero2.json`). See the README's "Fine-tune on your own images" section.
+`--variant` (default: the model's own, from its config) and `--stage` fill in the original recipe of that variant
+(see `training.TRAINING_PRESETS`): stages 1 and 2 of MiniGPT-4 with Vicuna v0 or Llama-2, stage 3 (the released
+fine-tuning) of MiniGPT-v2. Any flag given on the command line wins over the preset. The same command runs under
+`torchrun`, `accelerate launch` and DeepSpeed (`--deepspeed scripts/ds_zero2.json`).
 """
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -25,9 +28,10 @@ from transformers.trainer_utils import get_last_checkpoint
 from minigpt4_hf.random_models import load_model_and_processor
 from minigpt4_hf.training import (
     ALIGNMENT_PROMPTS,
+    IMAGE_INSTRUCTION_FORMAT,
     IMAGE_TRANSFORMS,
     PROJECTION_FILE_NAME,
-    STAGE_PRESETS,
+    TRAINING_PRESETS,
     MiniGPT4Trainer,
     SampleFormatter,
     SetEpochCallback,
@@ -74,20 +78,42 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    stage: int = field(metadata={"help": "Recipe preset: 1 (image-caption pretraining) or 2 (alignment).",
-                                 "choices": [1, 2]})
+    stage: int = field(metadata={"help": "Recipe preset of the variant: 1 (image-caption pretraining) or 2 "
+                                         "(alignment) for vicuna0 and llama2, 3 (fine-tuning) for v2.",
+                                 "choices": sorted({stage for stages in TRAINING_PRESETS.values() for stage in stages})})
     data_path: list[str] = field(
         metadata={"help": "cc_sbu_align folder, webdataset shards (folder, glob, {000..999}), saved HF dataset, data "
                           "file or Hub dataset id; several are mixed by --data_ratios."},
     )
+    variant: str | None = field(
+        default=None,
+        metadata={"help": "Which released model's recipe (default: the model's config.variant, else vicuna0).",
+                  "choices": list(TRAINING_PRESETS)},
+    )
     data_ratios: list[float] = field(default_factory=list, metadata={"help": "Sampling weight per --data_path."})
     image_column: str | None = field(default=None, metadata={"help": "Image column (default: guessed)."})
-    text_column: str | None = field(default=None, metadata={"help": "Caption column (default: guessed)."})
+    text_column: str | None = field(default=None, metadata={"help": "Caption / answer column (default: guessed)."})
+    instruction_column: str | None = field(
+        default=None, metadata={"help": "Task instruction column, e.g. '[refer] where is the cat?' (default: "
+                                        "'instruction', 'instruction_input' or 'question' if present)."},
+    )
+    conversation_column: str | None = field(
+        default=None, metadata={"help": "Multi-turn conversation column, LLaVA turns or chat messages (default: "
+                                        "'conversations', 'conversation' or 'messages' if present)."},
+    )
     max_txt_len: int = field(default=160, metadata={"help": "Target tokens kept per sample (end symbol included)."})
     end_symbol: str = field(default="###", metadata={"help": "Appended to each caption (escapes like \\n work)."})
     prompt_template: str = field(
         default="", metadata={"help": "Template around each prompt, e.g. '###Human: {} ###Assistant: '; empty = no "
                                       "prompt (the text is <ImageHere> alone)."},
+    )
+    instruction_format: str = field(
+        default=IMAGE_INSTRUCTION_FORMAT,
+        metadata={"help": "How a row's instruction (and a conversation's first question) goes with its image, "
+                          "before --prompt_template wraps it."},
+    )
+    followup_format: str = field(
+        default="{}", metadata={"help": "How a conversation's later questions are written before the template."},
     )
     prompts_file: str | None = field(
         default=None, metadata={"help": "Instructions, one per line with <ImageHere> (default: the original "
@@ -117,28 +143,61 @@ def _flag_names(argv: list[str]) -> set[str]:
     return {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
 
 
+def model_variant(model_path: str | None) -> str | None:
+    """The `variant` in the config.json of a local model folder (None: no such folder or field)."""
+    config = Path(model_path) / "config.json" if model_path else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("variant", "vicuna0")
+    except (OSError, ValueError):
+        return None
+
+
+def preset_argv(preset: dict) -> list[str]:
+    """A preset as command-line flags (list values as several arguments)."""
+    argv = []
+    for name, value in preset.items():
+        argv += [f"--{name}", *([str(item) for item in value] if isinstance(value, list) else [str(value)])]
+    return argv
+
+
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """
-    Parses the command line over the stage preset: the preset's values are put in front of `argv`, so that any flag
-    the user gives (parsed later) overrides them. Also forces what the data pipeline needs
-    (`remove_unused_columns=False`).
+    Parses the command line over the variant's stage preset: the preset's values are put in front of `argv`, so that
+    any flag the user gives (parsed later) overrides them. The variant is `--variant`, else the model folder's
+    `config.variant`, else `vicuna0`; a `--variant` that contradicts the model's config is an error. Also forces
+    what the data pipeline needs (`remove_unused_columns=False`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     stage_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    stage_parser.add_argument("--stage", type=int, choices=sorted(STAGE_PRESETS))
-    stage = stage_parser.parse_known_args(argv)[0].stage
+    stage_parser.add_argument("--stage", type=int)
+    stage_parser.add_argument("--variant", choices=list(TRAINING_PRESETS))
+    stage_parser.add_argument("--model_name_or_path", "--model-name-or-path")
+    known = stage_parser.parse_known_args(argv)[0]
     given = _flag_names(argv)
-
-    preset_argv = []
-    for name, value in STAGE_PRESETS.get(stage, {}).items():
-        preset_argv += [f"--{name}", str(value)]
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), allow_abbrev=False)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=preset_argv + argv)
+
+    from_model = model_variant(known.model_name_or_path)
+    if known.variant and from_model and known.variant != from_model:
+        parser.error(f"--variant {known.variant}: the model {known.model_name_or_path} is a {from_model} model "
+                     f"(its config.json says variant {from_model!r}); pass --variant {from_model} or another model.")
+    variant = known.variant or from_model or "vicuna0"
+    stages = TRAINING_PRESETS[variant]
+    if known.stage is not None and known.stage not in stages:
+        parser.error(f"--stage {known.stage}: the {variant} variant has the presets "
+                     f"{', '.join(f'--stage {stage}' for stage in stages)}.")
+    preset = stages.get(known.stage, {})
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
+        args=preset_argv(preset) + argv + ([] if known.variant else ["--variant", variant])
+    )
 
     if "output_dir" not in given:
         parser.error("the following arguments are required: --output_dir")
-    if "\\" in data_args.end_symbol:
-        data_args.end_symbol = data_args.end_symbol.encode("utf-8").decode("unicode_escape")
+    for name in ("end_symbol", "instruction_format", "followup_format"):
+        value = getattr(data_args, name)
+        if "\\" in value:
+            setattr(data_args, name, value.encode("utf-8").decode("unicode_escape"))
     if data_args.lr_schedule is None:
         data_args.lr_schedule = "trainer" if "lr_scheduler_type" in given else "linear_warmup_cosine"
     if "ddp_find_unused_parameters" not in given:
@@ -185,10 +244,10 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, training_args = parse_arguments(argv)
     setup_logging(training_args)
-    preset = STAGE_PRESETS[data_args.stage]
+    preset = TRAINING_PRESETS[data_args.variant][data_args.stage]
     overridden = sorted(name for name in preset if name in _flag_names(argv))
-    logger.info("Stage %s preset: %s; overridden on the command line: %s", data_args.stage, preset,
-                ", ".join(overridden) or "nothing")
+    logger.info("%s stage %s preset: %s; overridden on the command line: %s", data_args.variant, data_args.stage,
+                preset, ", ".join(overridden) or "nothing")
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     # Seeded before the model is prepared: LoRA's initialisation draws from the global generator.
     transformers.set_seed(training_args.seed)
@@ -196,6 +255,10 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     model, processor = load_model_and_processor(
         model_args.model_name_or_path, dtype=MODEL_DTYPES[model_args.model_dtype]
     )
+    model_family = getattr(model.config, "variant", "vicuna0")
+    if model_family != data_args.variant:
+        raise ValueError(f"--variant {data_args.variant}: {model_args.model_name_or_path} is a {model_family} model; "
+                         f"pass --variant {model_family}.")
     image_size = model.config.vision_config.image_size
     if getattr(processor.image_processor.size, "height", None) != image_size:
         logger.warning("The processor resizes to %s but the model takes %s px images; using %s.",
@@ -226,10 +289,14 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         end_symbol=data_args.end_symbol,
         clean_captions=data_args.clean_captions,
         max_caption_words=data_args.max_caption_words,
+        prompt_template=data_args.prompt_template,
+        instruction_format=data_args.instruction_format,
+        followup_format=data_args.followup_format,
     )
     train_data = build_training_dataset(
         data_args.data_path, formatter, ratios=data_args.data_ratios, image_column=data_args.image_column,
         text_column=data_args.text_column, seed=training_args.seed, shuffle_buffer=data_args.shuffle_buffer,
+        instruction_column=data_args.instruction_column, conversation_column=data_args.conversation_column,
     )
     if train_data.is_streaming:
         if training_args.max_steps <= 0:
@@ -255,7 +322,8 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     if trainer.args.should_save:
         save_trained_model(
             trainer.model, processor, training_args.output_dir, merge_lora=model_args.merge_lora,
-            metadata={"stage": str(data_args.stage), "global_step": str(trainer.state.global_step)},
+            metadata={"variant": data_args.variant, "stage": str(data_args.stage),
+                      "global_step": str(trainer.state.global_step)},
         )
         logger.info("Saved the trained model to %s and the projection alone to %s", training_args.output_dir,
                     Path(training_args.output_dir) / PROJECTION_FILE_NAME)
