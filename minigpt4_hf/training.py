@@ -873,7 +873,8 @@ PROJECTION_FILE_NAME = "language_projection.safetensors"
 def load_projection_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     Reads a projection checkpoint as `{"weight", "bias"}`: a safetensors file written by a training run
-    (`language_projection.{weight,bias}`, or bare `weight`/`bias`), or the original's `.pth`
+    (`language_projection.{weight,bias}`, or bare `weight`/`bias`), a Trainer checkpoint's `model.safetensors`
+    (`model.language_projection.{weight,bias}`), or the original's `.pth`
     (`{"model": {"llama_proj.weight", "llama_proj.bias", ...}}`, e.g. a stage-1 `checkpoint_*.pth` or
     `pretrained_minigpt4.pth`).
     """
@@ -891,7 +892,8 @@ def load_projection_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = state["model"]
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict.")
-    for prefix in (PROJECTION_PREFIX, ORIGINAL_PROJECTION_PREFIX, ""):
+    # A training run's file, a Trainer checkpoint of the current layout (`model.language_projection.*`), the original's.
+    for prefix in (PROJECTION_PREFIX, "model." + PROJECTION_PREFIX, ORIGINAL_PROJECTION_PREFIX, ""):
         weights = {suffix: state.get(prefix + suffix) for suffix in ("weight", "bias")}
         if all(isinstance(value, torch.Tensor) for value in weights.values()):
             return weights

@@ -612,7 +612,7 @@ def test_unknown_override_field_is_refused(output_parent, tmp_path):
 def test_failure_while_writing_leaves_no_output_folder(output_parent, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
-    monkeypatch.setattr("minigpt4_hf.conversion.save_sharded_safetensors", disk_full)
+    monkeypatch.setattr("minigpt4_hf.converter.save_sharded_safetensors", disk_full)
     with pytest.raises(OSError, match="No space left"):
         convert_main(fixture_argv(output_parent / "out"))
     assert list(output_parent.iterdir()) == []

@@ -353,8 +353,9 @@ def test_command_line_flags_override_the_preset_in_either_spelling(model_dir, tm
 
 def test_help_shows_each_stage_presets_values():
     text = " ".join(train.build_parser().format_help().split())
-    assert "stage 1: 0.0001; stage 2: 3e-05" in text  # --learning-rate, not the Trainer's 5e-05
-    assert "stage 1: 32; stage 2: 160" in text  # --max-txt-len
+    assert "vicuna0 stage 1: 0.0001; vicuna0 stage 2: 3e-05" in text  # --learning-rate, not the Trainer's 5e-05
+    assert "vicuna0 stage 1: 32; vicuna0 stage 2: 160" in text  # --max-txt-len
+    assert "v2 stage 3: 1e-05" in text and "v2 stage 3: 1024" in text
 
 
 def test_deepspeed_zero2_config_leaves_optimizer_and_schedule_to_the_trainer():

@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     variant = parser.add_argument_group("variant")
     variant.add_argument("--variant", choices=("vicuna0", "llama2", "v2"),
                          help="the released family: vicuna0 (MiniGPT-4 with Vicuna v0), llama2 (MiniGPT-4 with "
-                         "Llama-2-7B-chat) or v2 (MiniGPT-v2); default: read from the projection checkpoint (input "
+                         "Llama-2-7B-chat) or v2 (MiniGPT-v2) (default: read from the projection checkpoint: input "
                          "width 768 -> vicuna0; 4 x ViT width -> llama2, or v2 with LoRA tensors)")
     variant.add_argument("--lora", choices=("merge", "adapter"), default="merge",
                          help="what to do with the checkpoint's LoRA tensors (MiniGPT-v2): merge them into the "
