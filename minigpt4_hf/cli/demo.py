@@ -330,8 +330,8 @@ def launch(demo, host: str = "127.0.0.1", port: int = 7860, max_queue_size: int 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    check_model_path(args.model)
     check_port_free(args.host, args.port)  # before gradio and the model load
+    check_model_path(args.model)
     check_extra_installed("demo", "gradio")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     model, processor, generate_kwargs = load_model_from_args(args)
