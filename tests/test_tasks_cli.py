@@ -110,7 +110,7 @@ def test_task_for_a_model_other_than_v2_is_refused_before_loading(vicuna0_dir, t
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(chat, "load_model_and_processor", no_loading)
+    monkeypatch.setattr("minigpt4_hf.inference.load_model_and_processor", no_loading)
     image = image_file(tmp_path, "square.png", (64, 64))
     with pytest.raises(UserError, match="--task refer: task identifiers are MiniGPT-v2 prompts"):
         chat.main(["--model", str(vicuna0_dir), "--image", image, "--prompt", "where?", "--task", "refer"])
