@@ -37,7 +37,7 @@ except ImportError:
     )
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageFile  # noqa: E402
 from tokenizers import Tokenizer, normalizers  # noqa: E402
 from transformers import AddedToken, BatchFeature, PreTrainedTokenizerFast, ProcessorMixin  # noqa: E402
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling  # noqa: E402
@@ -259,6 +259,9 @@ def load_rgb_image(image):
     if isinstance(image, (str, os.PathLike, bytes, bytearray)):
         encoded = isinstance(image, (bytes, bytearray))
         source = "the image bytes" if encoded else os.fspath(image)
+        # A truncated file is refused even when another library allowed truncated images process-wide (lmms-eval's
+        # task module sets PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` on import); the setting is restored afterwards.
+        truncated_allowed, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
         try:
             with Image.open(io.BytesIO(image) if encoded else source) as opened:
                 opened.load()
@@ -267,6 +270,8 @@ def load_rgb_image(image):
             raise ValueError(f"Image file not found: {source}") from None
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
             raise ValueError(f"Could not read an image from {source}: {error}") from None
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = truncated_allowed
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim in (2, 3):
         image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
     if not isinstance(image, Image.Image):
