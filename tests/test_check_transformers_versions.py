@@ -67,6 +67,7 @@ def below_floor_release() -> str:
 
 def test_versions_all_means_every_supported_minor_release():
     assert parse_args(["--versions", "all"]).versions == list(SUPPORTED_RELEASES)
+    assert parse_args(["--versions", "4.56.2", "all", "5.0.0"]).versions == ["4.56.2", *SUPPORTED_RELEASES]
 
 
 def test_default_versions_cover_below_the_floor_the_floor_4_57_6_a_mid_5x_and_the_newest():

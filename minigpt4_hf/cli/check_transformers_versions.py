@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    versions = list(SUPPORTED_RELEASES) if args.versions == ["all"] else args.versions
+    versions = [release for item in args.versions for release in (SUPPORTED_RELEASES if item == "all" else [item])]
     for release in versions + [args.reference]:
         if not is_release(release):
             parser.error(f"{release!r} is not a transformers release: give versions such as 5.10.4 (or `all`).")
