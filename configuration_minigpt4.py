@@ -28,7 +28,7 @@ from packaging import version
 # transformers compatibility: the ONE place where the supported releases differ.
 #
 # The three remote-code files run unchanged on every transformers release from MINIMUM_TRANSFORMERS_VERSION to the
-# newest (the measured table: docs/transformers-versions.md). What changed between those releases is decided here,
+# newest (docs/transformers-versions.md). What changed between those releases is decided here,
 # once, from the installed release, always taking the newest API that release has; the rest of the three files uses
 # only the names defined here and APIs that every supported release shares.
 #

@@ -3,6 +3,20 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 
+TRAIN = ["peft>=0.17", "datasets>=4.0", "accelerate>=1.10"]
+CONVERT = ["sentencepiece>=0.2", "protobuf>=4"]
+# gradio_client (which gradio brings) and psutil drive and measure minigpt4-demo-load-test.
+DEMO = ["gradio>=6,<7", "psutil>=5.9"]
+DATA = ["datasets>=4.0"]
+BENCHMARK = ["matplotlib>=3.8"]
+QUANTIZATION = ["bitsandbytes>=0.45", "accelerate>=1.10"]
+# minigpt4-evaluate (docs/evaluation.md). lmms-eval itself is not listed: its requirements would replace torch and
+# others, so install it first without them, `pip install --no-deps lmms-eval==0.7.3`; these are the packages it needs
+# for the runs here (none of them changes an installed version).
+EVAL = ["datasets>=4.0", "pycocoevalcap>=1.2", "loguru>=0.7", "sacrebleu>=2.4", "evaluate>=0.4", "tenacity>=8.3",
+        "pyyaml>=6"]
+ALL = sorted(set(TRAIN + CONVERT + DEMO + DATA + BENCHMARK + EVAL))
+
 setup(
     name="minigpt4-hf",
     version="0.1.0",
@@ -27,46 +41,46 @@ setup(
             "minigpt4-benchmark = minigpt4_hf.cli.benchmark:cli",
             "minigpt4-benchmark-conversion = minigpt4_hf.cli.benchmark_conversion:cli",
             "minigpt4-check-transformers = minigpt4_hf.cli.check_transformers_versions:cli",
+            "minigpt4-evaluate = minigpt4_hf.cli.evaluate:cli",
         ]
     },
+    # What loading a model and generating with it needs (minigpt4-chat, -caption, -quickstart and the library's
+    # inference). Importing the three model files never imports the extras below.
     install_requires=[
         "torch>=2.4",
         # The remote code of a converted Hub repo (the three root modules) supports transformers>=4.57,<6: every
-        # release from 4.57.0 to 5.24.0 is measured (docs/transformers-versions.md, `minigpt4-check-transformers`).
+        # release from 4.57.0 to 5.24.0 is measured (docs/transformers-versions.md; `minigpt4-check-transformers`).
         # This package's own tools (conversion, training, chat, demo, benchmark) are built on 5.24's API.
         "transformers>=5.24,<6",
         "tokenizers>=0.22",
         "safetensors>=0.5",
         "huggingface_hub>=1.0",
-        "peft>=0.17",
-        "datasets>=4.0",
-        "accelerate>=1.10",
         "pillow>=10.0",
         "numpy>=1.26",
+        "jinja2>=3.1",  # chat templates, the model card
+        "tqdm>=4.66",
     ],
     extras_require={
-        # Converting original checkpoints whose tokenizer ships only as sentencepiece `tokenizer.model`;
-        # jinja2 renders the model card (huggingface_hub's ModelCard.from_template).
-        "convert": ["sentencepiece>=0.2", "protobuf>=4", "jinja2>=3.1"],
-        # scripts/demo.py (Gradio 6 chat messages). gradio 6 pins pillow<13.
-        # (gradio_client, which gradio brings, and psutil drive and measure scripts/demo_load_test.py.)
-        "demo": ["gradio>=6,<7", "psutil>=5.9"],
-        # --load-in-8bit / --load-in-4bit of scripts/chat.py, caption.py, demo.py (NVIDIA GPU with CUDA).
-        "quantization": ["bitsandbytes>=0.45"],
-        "benchmark": ["matplotlib>=3.8"],
-        "dev": [
-            "pytest>=8",
-            "pytest-timeout>=2.3",
-            "sentencepiece>=0.2",
-            "protobuf>=4",
-            # tests/test_demo.py drives the demo in Debian's chromium (apt-get install chromium).
-            "gradio>=6,<7",
-            "psutil>=5.9",
-            "playwright>=1.40",
-            # tests/test_benchmark.py runs scripts/benchmark.py, which plots tokens/s against batch size.
-            "matplotlib>=3.8",
-            # tests/test_trl.py fine-tunes with TRL's SFTTrainer (docs/fine-tuning-trl.md).
-            "trl>=1.16",
-        ],
+        # minigpt4-train: the Trainer (accelerate), LoRA (peft), the data sources (datasets).
+        "train": TRAIN,
+        # minigpt4-convert of checkpoints whose tokenizer ships only as sentencepiece `tokenizer.model`.
+        "convert": CONVERT,
+        # minigpt4-demo (Gradio 6 chat messages; gradio 6 pins pillow<13).
+        "demo": DEMO,
+        # minigpt4-build-stage2-data: the exported HF dataset (the refiner talks HTTP with the standard library).
+        "data": DATA,
+        # minigpt4-benchmark: the PNG of tokens/s against batch size.
+        "benchmark": BENCHMARK,
+        # minigpt4-evaluate: datasets and the scorers (lmms-eval goes in with --no-deps, see EVAL).
+        "eval": EVAL,
+        # --load-in-8bit / --load-in-4bit (NVIDIA GPU with CUDA) and --device-map of chat, caption, demo, the builder.
+        "quantization": QUANTIZATION,
+        # Everything that runs on any machine (the CUDA-only quantization extra is left to `quantization`).
+        "all": ALL,
+        # The test suite: every extra it exercises, pytest, and Playwright for the browser test of the demo (it drives
+        # Debian's chromium: apt-get install chromium).
+        "dev": ALL + ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.40",
+                     # tests/test_trl.py fine-tunes with TRL's SFTTrainer (docs/fine-tuning-trl.md).
+                     "trl>=1.16"],
     },
 )

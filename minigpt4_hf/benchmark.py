@@ -1,5 +1,5 @@
 """
-What scripts/benchmark.py measures, and how: speed and memory of MiniGPT-4 against the plain way of running it.
+What minigpt4-benchmark measures, and how: speed and memory of MiniGPT-4 against the plain way of running it.
 
 Every comparison runs its variants side by side in one process, interleaved (one repeat of each variant in turn, the
 order rotating), after warm-up runs, and reports the median and the 25th-75th percentile spread: a machine busy with
@@ -36,9 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from minigpt4_hf.random_models import EXAMPLE_IMAGE, build_random_model
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+from minigpt4_hf.files import atomic_path, write_text_atomically
+from minigpt4_hf.inference import load_model_and_processor
+from minigpt4_hf.random_models import EXAMPLE_IMAGE, build_random_model
 
 from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
 from processing_minigpt4 import MiniGPT4Processor, load_rgb_image
@@ -47,7 +50,7 @@ PROMPT = "<ImageHere> Describe this image in detail."
 ANSWER = "A small picture of something on a table, lit from the left, with a plain wall behind it."
 MB = 1024 * 1024
 
-# name -> (comparison, goal); `value` comes from the measured cases.
+# The performance targets (docs/performance.md): name -> (comparison, goal); `value` comes from the measured cases.
 TARGET_GOALS = {
     "decode_tokens_per_s_image_vs_text_lm": (">=", 0.97),
     "batch8_vs_batch1_generation_tokens_per_s": (">=", 3.0),
@@ -249,16 +252,19 @@ def compiled_forward(module: torch.nn.Module) -> Callable:
     return _COMPILED_FORWARDS[id(module)]
 
 
-def load_bf16_copy(model: MiniGPT4ForConditionalGeneration, folder: Path) -> MiniGPT4ForConditionalGeneration:
+def load_bf16_copy(
+    model: MiniGPT4ForConditionalGeneration, processor: MiniGPT4Processor, folder: Path, device: torch.device
+) -> MiniGPT4ForConditionalGeneration:
     """
-    Saves `model`'s weights in bf16 to `folder` and loads them back with `dtype=torch.bfloat16` (memory-mapped: no
-    second copy stays in memory).
+    Saves `model`'s weights in bf16 (and the processor) to `folder` and loads them back on `device` with the tools'
+    loader and `--dtype bfloat16` (memory-mapped: no second copy stays in memory).
     """
     state = {name: tensor.to(torch.bfloat16) for name, tensor in model.state_dict().items()}
     model.save_pretrained(folder, state_dict=state)
+    processor.save_pretrained(folder)
     del state
     gc.collect()
-    return MiniGPT4ForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16)
+    return load_model_and_processor(str(folder), device=str(device), dtype="bfloat16")[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -504,11 +510,11 @@ def image_encoding_case(models: BenchmarkModels, settings: BenchmarkSettings) ->
             ModelSetup(models.fp32).apply()
 
     def encode(setup: ModelSetup) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
+        def encode_images() -> torch.Tensor:
             with setup.applied() as model:
                 return model.get_image_features(pixel_values)
 
-        return run
+        return encode_images
 
     variants = {name: encode(setup) for name, setup in setups.items()}
     with torch.inference_mode():
@@ -591,10 +597,10 @@ def batched_generation_case(models: BenchmarkModels, settings: BenchmarkSettings
     inputs = {batch: generation_inputs(models, batch) for batch in settings.batch_sizes}
 
     def generate_batch(batch: int) -> Callable[[LogitsProcessorList], torch.LongTensor]:
-        def run(processors: LogitsProcessorList) -> torch.LongTensor:
+        def generate_rows(processors: LogitsProcessorList) -> torch.LongTensor:
             return model.generate(**inputs[batch], logits_processor=processors, **generate_kwargs)
 
-        return run
+        return generate_rows
 
     names = {batch: f"batch {batch}" for batch in settings.batch_sizes}
     with torch.inference_mode():
@@ -737,7 +743,7 @@ def check_target(name: str, value: float | None) -> dict:
 
 
 def compute_targets(cases: dict) -> dict:
-    """The targets of issue 7 from the measured cases."""
+    """The values of `TARGET_GOALS` from the measured cases, each checked against its goal."""
     values = {
         "decode_tokens_per_s_image_vs_text_lm": cases["decode"]["decode_ratio"],
         "image_encoding_speedup_vs_plain": cases["image_encoding"]["variants"][FAST_IMAGE_ENCODING]["speedup_vs_plain"],
@@ -789,7 +795,7 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     model.to(device)
     with tempfile.TemporaryDirectory(prefix="minigpt4-benchmark-") as workdir:
         workdir = Path(workdir)
-        bf16 = load_bf16_copy(model, workdir / "checkpoint_bf16").to(device)
+        bf16 = load_bf16_copy(model, processor, workdir / "checkpoint_bf16", device)
         models = BenchmarkModels(model.eval(), bf16.eval(), processor, device, workdir)
         cases = {}
         steps = [
@@ -879,11 +885,7 @@ def results_table(results: dict) -> str:
 
 def write_json(results: dict, path: Path) -> None:
     """Writes `results` to `path` through a temporary file (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(results, indent=2) + "\n")
 
 
 def plot_batch_scaling(results: dict, path: Path) -> None:
@@ -911,12 +913,9 @@ def plot_batch_scaling(results: dict, path: Path) -> None:
     axes.grid(True, alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=120)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
     pyplot.close(figure)
-    os.replace(temporary, path)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--loading-child":

@@ -113,11 +113,19 @@ def vit_shapes(sizes: InputSizes) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# The one integer tensor of the BLIP-2 file (a buffer of the Q-Former's unused text embeddings).
+QFORMER_POSITION_IDS = "Qformer.bert.embeddings.position_ids"
+
+
 def qformer_shapes(sizes: InputSizes) -> dict[str, tuple[int, ...]]:
-    """`blip2_pretrained_flant5xxl.pth["model"]`: `ln_vision`, `query_tokens`, `Qformer.bert.*`, `t5_proj`."""
+    """
+    `blip2_pretrained_flant5xxl.pth["model"]`: `ln_vision`, `query_tokens`, `Qformer.bert.*` (`QFORMER_POSITION_IDS`
+    int64, the rest float32), `t5_proj`.
+    """
     width, vision = sizes.qformer_width, sizes.vit_width
     shapes = {
         "query_tokens": (1, sizes.queries, width), "ln_vision.weight": (vision,), "ln_vision.bias": (vision,),
+        QFORMER_POSITION_IDS: (1, 512),
         "Qformer.bert.embeddings.LayerNorm.weight": (width,), "Qformer.bert.embeddings.LayerNorm.bias": (width,),
         "t5_proj.weight": (sizes.t5_width, width), "t5_proj.bias": (sizes.t5_width,),
     }
@@ -227,6 +235,7 @@ def make_inputs(folder: str | os.PathLike, size: str = "7b") -> dict[str, Path]:
         torch.save(vit, staging / FILE_NAMES["--vit-checkpoint"])
         del vit
         qformer = {key: pool.take(shape, torch.float32) for key, shape in qformer_shapes(sizes).items()}
+        qformer[QFORMER_POSITION_IDS] = torch.arange(512)[None]
         torch.save({"model": qformer}, staging / FILE_NAMES["--qformer-checkpoint"])
         del qformer
         text_width = sizes.llm["hidden_size"]

@@ -1,7 +1,8 @@
 """
 Reading the original MiniGPT-4 checkpoint files and mapping them onto `MiniGPT4ForConditionalGeneration`.
 
-The original model is put together from four sources (facts sheet §2.4):
+The original model is put together from four sources (the load order of `MiniGPT4.from_config`,
+minigpt4/models/mini_gpt4.py@22d8888):
 
 - `eva_vit_g.pth` (LAVIS): the EVA ViT-g with bare keys (`cls_token`, `blocks.{i}.attn.q_bias`, ...);
 - `blip2_pretrained_flant5xxl.pth` (LAVIS): `{"model": {...}}` with `ln_vision.*`, `query_tokens`, `Qformer.bert.*`;
@@ -45,10 +46,11 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from configuration_minigpt4 import MiniGPT4Config
+from minigpt4_hf.inputs import InputError
 from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
 
 
-class ConversionError(Exception):
+class ConversionError(InputError):
     """Bad input: the message names the file (and key) at fault and says what to do."""
 
 
@@ -139,6 +141,13 @@ class InputKind:
         return None
 
 
+# The parts of a transformers BLIP-2 checkpoint that MiniGPT-4 does not take (pattern, what it is).
+BLIP2_NOT_READ = (
+    (r"^language_model\.", "BLIP-2's own language model"),
+    (r"^language_projection\.", "BLIP-2's projection into its own language model"),
+)
+
+
 def _has_prefix(*prefixes: str) -> Callable[[set[str]], bool]:
     return lambda keys: any(key.startswith(prefixes) for key in keys)
 
@@ -199,10 +208,7 @@ KINDS = {
             RenameRule("qformer.{rest}", "model.qformer.{rest}"),
             RenameRule("query_tokens", "model.query_tokens"),
         ),
-        ignored=(
-            (r"^language_model\.", "BLIP-2's own language model"),
-            (r"^language_projection\.", "BLIP-2's projection into its own language model"),
-        ),
+        ignored=BLIP2_NOT_READ,
     ),
     "llm": InputKind(
         flag="--llm",
@@ -439,8 +445,9 @@ def read_transformers_weights(
     return loaded
 
 
-# Files of a transformers checkpoint besides its weights; fetched when present.
-_CHECKPOINT_SIDE_FILES = (
+# Files of a transformers checkpoint besides its weights and config.json: what `download_checkpoint` fetches, when
+# present, for a language model whose tokenizer is needed (the Vicuna delta).
+CHECKPOINT_SIDE_FILES = (
     "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json",
 )
@@ -668,10 +675,8 @@ class ConversionPlan:
                     break
             else:
                 lines.append(f"no input provides {target!r}")
-        more = f"\n  ... and {len(targets) - limit} more" if len(targets) > limit else ""
-        return (
-            "Missing weights; the files are incomplete or of another model:\n  " + "\n  ".join(lines) + more
-        )
+        more = f"; ... and {len(targets) - limit} more" if len(targets) > limit else ""
+        return "Missing weights (the files are incomplete or of another model): " + "; ".join(lines) + more
 
     def drop_vision_layers_from(self, depth: int) -> None:
         """Drops ViT blocks `>= depth` (the real eva_vit_g.pth holds 40 blocks; MiniGPT-4 uses 39)."""
@@ -845,7 +850,7 @@ def derive_config(
     if depth > len(available_layers):
         raise ConversionError(
             plan.missing_message([f"model.vision_model.encoder.layers.{len(available_layers)}.mlp.fc1.weight"])
-            + f"\n  (the configuration asks for {depth} ViT blocks; the file holds {len(available_layers)})"
+            + f" (the configuration asks for {depth} ViT blocks; the file holds {len(available_layers)})"
         )
     vision["num_hidden_layers"] = depth
     plan.drop_vision_layers_from(depth)
@@ -1270,7 +1275,7 @@ def check_against_model(plan: ConversionPlan, config: MiniGPT4Config) -> list[st
         ]
         raise ConversionError(
             "Shape mismatch (files of different model sizes, or a head count / size in --config-overrides that "
-            "does not fit):\n  " + "\n  ".join(lines)
+            "does not fit): " + "; ".join(lines)
         )
     for name in [name for name in plan.tensors if name not in expected]:
         target = plan.tensors.pop(name)

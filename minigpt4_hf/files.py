@@ -33,8 +33,19 @@ def _apply_default_modes(root: Path) -> None:
         os.chmod(path, dir_mode if path.is_dir() else file_mode)
 
 
+def _replace(source: Path, target: Path, scratch_parent: Path) -> None:
+    """Renames `source` to `target`; a folder at `target` (which a rename cannot replace) is moved aside first."""
+    if target.is_dir() and not target.is_symlink():
+        old = Path(tempfile.mkdtemp(dir=scratch_parent, prefix=f".{target.name}.old-"))
+        os.replace(target, old / target.name)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
+
+
 @contextlib.contextmanager
-def atomic_path(destination: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
+def atomic_path(destination: str | os.PathLike, *, directory: bool = False, merge: bool = False) -> Iterator[Path]:
     """
     Yields a temporary path next to `destination` (same file system) to write a file, or with `directory=True` a
     folder, into; on a clean exit it is renamed to `destination`, replacing what was there. On an error the temporary
@@ -42,11 +53,21 @@ def atomic_path(destination: str | os.PathLike, *, directory: bool = False) -> I
 
         with atomic_path("out/model", directory=True) as staging:
             model.save_pretrained(staging)
+
+    With `merge=True` (folders only) `destination` is a folder that other outputs share (a training run's final
+    model beside its checkpoint-N folders, the stage-2 export beside earlier ones): each entry written into the
+    temporary folder (created inside `destination`) is renamed into `destination`, replacing the same-named entry,
+    and the folder's other entries stay.
     """
+    if merge and not directory:
+        raise ValueError("atomic_path(merge=True) writes into a folder: pass directory=True too.")
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{destination.name}.tmp-"
-    if directory:
+    if merge:
+        destination.mkdir(exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(dir=destination, prefix=".tmp-"))
+    elif directory:
         temporary = Path(tempfile.mkdtemp(dir=destination.parent, prefix=prefix))
     else:
         handle, name = tempfile.mkstemp(dir=destination.parent, prefix=prefix)
@@ -55,12 +76,11 @@ def atomic_path(destination: str | os.PathLike, *, directory: bool = False) -> I
     try:
         yield temporary
         _apply_default_modes(temporary)
-        if directory and destination.is_dir() and not destination.is_symlink():
-            # A folder cannot be replaced by a rename while it has entries: move the old one aside first.
-            old = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.old-"))
-            os.replace(destination, old / destination.name)
-            os.replace(temporary, destination)
-            shutil.rmtree(old, ignore_errors=True)
+        if merge:
+            for entry in sorted(temporary.iterdir()):
+                _replace(entry, destination / entry.name, destination)
+        elif directory:
+            _replace(temporary, destination, destination.parent)
         else:
             os.replace(temporary, destination)
     finally:

@@ -1,246 +1,170 @@
 """
-What chat.py, caption.py and demo.py share: loading a model and processor from flags, generation flags with the
-original chat's defaults, and `Conversation`, the original `Chat` on top of `generate()` and the chat template.
-
+Inference: the one model loader (device, dtype and quantization policy), batched answers, and `Conversation`, the
+original `Chat` on top of `generate()` and the chat template. The command-line tools (minigpt4-chat, -caption, -demo,
+-train, -build-stage2-data) load models through `load_model_and_processor`.
 """
 
-import argparse
+import importlib.util
 import sys
 import threading
 from collections.abc import Callable, Iterator
-
-from minigpt4_hf.random_models import generate_answers, load_model_and_processor as load_saved_model
+from pathlib import Path
 
 import torch
-from transformers import (
-    BitsAndBytesConfig,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TextIteratorStreamer,
-    set_seed,
-)
+from transformers import BitsAndBytesConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from minigpt4_hf.generation import CHAT_GENERATION_DEFAULTS, ORIGINAL_CONTEXT_BUDGET, generation_kwargs
+from minigpt4_hf.inputs import InputError, check_model_path, model_not_loadable_message
 from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
 from processing_minigpt4 import TURN_SEPARATOR, MiniGPT4Processor, load_rgb_image
 
 
-# The original `Chat.answer` kept prompt + answer within 2,000 tokens (`max_length=2000`).
-ORIGINAL_CONTEXT_BUDGET = 2000
-# `Chat.answer` defaults of the original (@22d8888): always sampling, nucleus 0.9, one beam.
-CHAT_GENERATION_DEFAULTS = {
-    "do_sample": True,
-    "top_p": 0.9,
-    "temperature": 1.0,
-    "max_new_tokens": 300,
-    "num_beams": 1,
-    "repetition_penalty": 1.0,
-}
 # Parts kept out of 8-/4-bit quantisation: everything but the language model's linear layers (its output layer too,
 # as bitsandbytes does by default for causal LMs).
 QUANTIZATION_SKIP_MODULES = ["vision_model", "qformer", "query_tokens", "language_projection", "lm_head"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UserError(Exception):
-    """A problem with the user's input or machine: the scripts print the message (no traceback) and exit 2."""
-
-
-def run_main(main: Callable[[], int | None], prog: str) -> None:
-    """Runs a script's `main`, turning `UserError` into `prog: error: MESSAGE` on stderr and exit status 2."""
-    try:
-        status = main()
-    except UserError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(status or 0)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Flags.
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model`, `--dtype`, `--device`, `--device-map`, `--load-in-8bit` / `--load-in-4bit`."""
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", required=True, help="A saved MiniGPT-4 folder or Hub repo id.")
-    group.add_argument(
-        "--dtype",
-        choices=["auto", *DTYPES],
-        default="auto",
-        help="Weights' dtype. auto: the checkpoint's dtype on a GPU, float32 on the CPU, float16 with 8-/4-bit.",
-    )
-    group.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps ... (default: cuda if present, else cpu)")
-    group.add_argument(
-        "--device-map",
-        default=None,
-        help="Spread the model over devices with accelerate, e.g. 'auto' (several GPUs, or GPU + CPU).",
-    )
-    quantization = group.add_mutually_exclusive_group()
-    quantization.add_argument(
-        "--load-in-8bit", action="store_true", help="LLM.int8 language model (bitsandbytes, CUDA only)."
-    )
-    quantization.add_argument(
-        "--load-in-4bit", action="store_true", help="NF4 language model (bitsandbytes, CUDA only)."
-    )
-
-
-def add_generation_arguments(
-    parser: argparse.ArgumentParser, sample_by_default: bool = True, max_new_tokens: int = 300
-) -> None:
-    """
-    Generation flags with the original chat's defaults. With `sample_by_default` the flag `--greedy` turns sampling
-    off; otherwise `--sample` turns it on (batch captioning is greedy by default).
-    """
-    group = parser.add_argument_group("generation")
-    group.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens)
-    group.add_argument("--num-beams", type=_positive_int, default=CHAT_GENERATION_DEFAULTS["num_beams"])
-    group.add_argument("--temperature", type=_positive_float, default=CHAT_GENERATION_DEFAULTS["temperature"])
-    group.add_argument("--top-p", type=_probability, default=CHAT_GENERATION_DEFAULTS["top_p"])
-    group.add_argument(
-        "--repetition-penalty", type=_positive_float, default=CHAT_GENERATION_DEFAULTS["repetition_penalty"]
-    )
-    if sample_by_default:
-        group.add_argument(
-            "--greedy", dest="do_sample", action="store_false", help="No sampling (greedy, or beam search)."
-        )
-    else:
-        group.add_argument(
-            "--sample", dest="do_sample", action="store_true", help="Sample (top-p / temperature) instead of greedy."
-        )
-    parser.set_defaults(do_sample=sample_by_default)
-    group.add_argument("--seed", type=int, default=None, help="Seed the random generators (reproducible sampling).")
-
-
-def generation_kwargs_from_args(args: argparse.Namespace) -> dict:
-    """`generate()` keyword arguments from the generation flags (temperature / top-p only when sampling)."""
-    kwargs = {
-        "max_new_tokens": args.max_new_tokens,
-        "num_beams": args.num_beams,
-        "do_sample": args.do_sample,
-        "repetition_penalty": args.repetition_penalty,
-    }
-    if args.do_sample:
-        kwargs.update(temperature=args.temperature, top_p=args.top_p)
-    return kwargs
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Loading.
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a `--dtype` name other than "auto" (float32, bfloat16, float16)."""
+    return getattr(torch, name)
+
+
 def resolve_device(name: str | None) -> torch.device:
-    """The device to run on: `name`, or CUDA when present, else the CPU. Unavailable devices are a `UserError`."""
+    """The device to run on: `name`, or CUDA when present, else the CPU. Unavailable devices are an `InputError`."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"Unknown device {name!r}; use cpu, cuda, cuda:N or mps.") from None
+        raise InputError(f"Unknown device {name!r}; use cpu, cuda, cuda:N or mps.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asks for a CUDA GPU, but this machine has none; use --device cpu.")
+        raise InputError(f"--device {name} asks for a CUDA GPU, but this machine has none; use --device cpu.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
+        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: Apple MPS is not available here; use --device cpu.")
+        raise InputError(f"--device {name}: Apple MPS is not available here; use --device cpu.")
     return device
 
 
-def quantization_config_from_args(args: argparse.Namespace) -> BitsAndBytesConfig | None:
+def resolve_dtype(name: str, device: torch.device, quantized: bool = False,
+                  device_map: str | dict | None = None) -> torch.dtype | str:
     """
-    The `BitsAndBytesConfig` for `--load-in-8bit` / `--load-in-4bit` (None without them): only the language model's
-    linear layers are quantised; the ViT, Q-Former, query tokens, projection and LM head keep their dtype.
+    The one dtype policy of loading: a named dtype as given; "auto" = float16 with 8-/4-bit quantisation (as the
+    original's 8-bit `low_resource` mode), float32 on the CPU (half precision is slow or missing there), otherwise
+    the checkpoint's own dtype (`"auto"` for `from_pretrained`).
     """
-    if not (args.load_in_8bit or args.load_in_4bit):
-        return None
-    if args.load_in_8bit:
+    if name != "auto":
+        return torch_dtype(name)
+    if quantized:
+        return torch.float16
+    if device.type == "cpu" and device_map is None:
+        return torch.float32
+    return "auto"
+
+
+def quantization_config_for(load_in_8bit: bool, load_in_4bit: bool, dtype: str = "auto") -> BitsAndBytesConfig | None:
+    """
+    The `BitsAndBytesConfig` for 8- or 4-bit loading (None for neither): only the language model's linear layers are
+    quantised; the ViT, Q-Former, query tokens, projection and LM head keep their dtype.
+    """
+    if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(QUANTIZATION_SKIP_MODULES))
-    compute_dtype = DTYPES.get(args.dtype, torch.float16)
+    if not load_in_4bit:
+        return None
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_compute_dtype=torch.float16 if dtype == "auto" else torch_dtype(dtype),
         llm_int8_skip_modules=list(QUANTIZATION_SKIP_MODULES),
     )
 
 
-def check_quantization_possible(args: argparse.Namespace, device: torch.device) -> None:
+def check_quantization_possible(flag: str, device: torch.device) -> None:
     """Refuses 8-/4-bit loading where bitsandbytes cannot run it, saying why and what to do instead."""
-    flag = "--load-in-8bit" if args.load_in_8bit else "--load-in-4bit"
     if not torch.cuda.is_available():
-        raise UserError(
+        raise InputError(
             f"{flag} needs an NVIDIA GPU with CUDA (bitsandbytes), and this machine has none. Drop {flag} to run "
             "unquantised on the CPU (float32 by default, or --dtype bfloat16 to halve the memory)."
         )
     if device.type != "cuda":
-        raise UserError(f"{flag} runs on a CUDA GPU; drop --device {device} or pick a cuda device.")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise UserError(
-            f"{flag} needs the bitsandbytes package: pip install bitsandbytes (or pip install '.[quantization]')."
-        ) from None
+        raise InputError(f"{flag} runs on a CUDA GPU; drop --device {device} or pick a cuda device.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(
+            f"{flag} needs the bitsandbytes package: install the quantization extra (pip install '.[quantization]' in "
+            "the checkout, or pip install bitsandbytes)."
+        )
 
 
-def load_model_and_processor(args: argparse.Namespace) -> tuple[MiniGPT4ForConditionalGeneration, MiniGPT4Processor]:
+def check_accelerate_installed(flag: str) -> None:
+    if importlib.util.find_spec("accelerate") is None:
+        raise InputError(f"{flag} needs the accelerate package: pip install accelerate (or the quantization extra).")
+
+
+def load_model_and_processor(
+    model_path: str,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    device_map: str | dict | None = None,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+) -> tuple[MiniGPT4ForConditionalGeneration, MiniGPT4Processor]:
     """
-    Loads `args.model` with the model flags: dtype, device or device map, optional bitsandbytes quantisation.
-    Returns `(model, processor)`, the model in eval mode on its device(s).
+    Loads a saved MiniGPT-4 (a `save_pretrained` folder or a Hub id) and its processor with this checkout's classes
+    (the code copied into the folder is neither run nor asked about).
+
+    Args:
+        model_path: the folder or Hub id (`--model`).
+        device: where the model goes (`resolve_device`; default: CUDA when present, else the CPU).
+        dtype: "auto" or a dtype name (`resolve_dtype` gives the policy).
+        device_map: spread the model over devices with accelerate instead (e.g. "auto").
+        load_in_8bit, load_in_4bit: bitsandbytes quantisation of the language model's linear layers (CUDA only).
+
+    Returns:
+        `(model, processor)`, the model in eval mode on its device(s).
+
+    Raises:
+        InputError: the path, device or quantisation cannot be used (the message says what to do instead).
     """
-    device = resolve_device(args.device)
-    quantization_config = quantization_config_from_args(args)
+    model_path = str(model_path)
+    check_model_path(model_path)
+    resolved_device = resolve_device(device)
+    quantization_config = quantization_config_for(load_in_8bit, load_in_4bit, dtype)
     if quantization_config is not None:
-        check_quantization_possible(args, device)
+        check_quantization_possible("--load-in-8bit" if load_in_8bit else "--load-in-4bit", resolved_device)
+        check_accelerate_installed("--load-in-8bit" if load_in_8bit else "--load-in-4bit")
+    if device_map is not None:
+        check_accelerate_installed("--device-map")
 
-    if args.dtype != "auto":
-        dtype = DTYPES[args.dtype]
+    load_kwargs = {"dtype": resolve_dtype(dtype, resolved_device, quantization_config is not None, device_map)}
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
     elif quantization_config is not None:
-        dtype = torch.float16  # as the original's 8-bit `low_resource` mode
-    elif device.type == "cpu" and args.device_map is None:
-        dtype = torch.float32  # half precision is slow (or missing) on CPUs
-    else:
-        dtype = "auto"
-
-    load_kwargs = {"dtype": dtype}
-    if args.device_map is not None:
-        load_kwargs["device_map"] = args.device_map
-    elif quantization_config is not None:
-        # One pinned device, as the original's fix for multi-GPU 8-bit loading (issue #44).
-        load_kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+        # One pinned device, as the original loaded its 8-bit model (`device_map={'': device_8bit}`,
+        # minigpt4/models/mini_gpt4.py@22d8888); "auto" spread it over GPUs and failed there.
+        index = resolved_device.index if resolved_device.index is not None else torch.cuda.current_device()
+        load_kwargs["device_map"] = {"": index}
     if quantization_config is not None:
         load_kwargs["quantization_config"] = quantization_config
 
     try:
-        model, processor = load_saved_model(args.model, **load_kwargs)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+        processor = MiniGPT4Processor.from_pretrained(model_path)
+        model = MiniGPT4ForConditionalGeneration.from_pretrained(model_path, **load_kwargs)
+    except (OSError, ValueError) as error:
+        if not Path(model_path).exists():
+            raise InputError(model_not_loadable_message(model_path)) from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(
+            f"--model {model_path}: cannot load a MiniGPT-4 model and processor from it ({reason})."
+        ) from None
     if "device_map" not in load_kwargs:
-        model.to(device)
-    return model, processor
+        model.to(resolved_device)
+    return model.eval(), processor
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -248,40 +172,78 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def seed_if_asked(args: argparse.Namespace) -> None:
-    if args.seed is not None:
-        set_seed(args.seed)
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# Batched answers (caption.py) and the chat (chat.py, demo.py).
+# Batched answers (minigpt4-caption, the stage-2 builder) and the chat (minigpt4-chat, minigpt4-demo).
 
 
-def user_message(text: str | None = None, with_image: bool = True) -> dict:
-    """A chat-template user message: an image part and/or a text part."""
+@torch.inference_mode()
+def generate_answers(model, processor, images: list, prompts: list[str], **generate_kwargs) -> list[str]:
+    """
+    One left-padded batched `generate` call, one image per prompt; returns each row's answer as the original chat
+    post-processed it (new tokens only, cut at `###`).
+    """
+    inputs = processor(images=list(images), text=list(prompts), padding_side="left", return_tensors="pt")
+    inputs = inputs.to(input_device(model))
+    generated = model.generate(**inputs, **generate_kwargs)
+    return processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])
+
+
+def user_message(text: str | None = None, with_image: bool = True, task: str | None = None) -> dict:
+    """
+    A chat-template user message: an image part and/or a text part, and the MiniGPT-v2 task identifier the chat
+    template writes before the text (`"refer"` -> `[refer] ...`).
+    """
     content = [{"type": "image"}] if with_image else []
     if text is not None:
         content.append({"type": "text", "text": text})
-    return {"role": "user", "content": content}
+    message = {"role": "user", "content": content}
+    if task is not None:
+        message["task"] = task
+    return message
 
 
-def answer_batch(model, processor, images: list, question: str, generation_kwargs: dict) -> list[str]:
+def answer_batch(model, processor, images: list, question: str, generate_kwargs: dict,
+                 task: str | None = None) -> list[str]:
     """
     Answers one question about each image, in one left-padded batch. Images are PIL images (or anything
     `load_rgb_image` takes). Returns one answer per image, post-processed as the original chat did.
     """
-    prompt = processor.apply_chat_template([user_message(question)], add_generation_prompt=True)
-    return generate_answers(model, processor, images, [prompt] * len(images), **generation_kwargs)
+    prompt = processor.apply_chat_template([user_message(question, task=task)], add_generation_prompt=True)
+    return generate_answers(model, processor, images, [prompt] * len(images), **generate_kwargs)
 
 
-def check_question_fits(model, processor, question: str, max_new_tokens: int) -> None:
+def answers_have_boxes(model) -> bool:
+    """Whether the model writes boxes into its answers (MiniGPT-v2)."""
+    return getattr(model.config, "variant", "vicuna0") == "v2"
+
+
+def grounded_boxes(processor, answer: str, image_size: tuple[int, int]) -> tuple[list[dict], list[str]]:
     """
-    Raises ValueError when one image plus `question` (in the chat template) plus `max_new_tokens` new tokens exceed
-    the language model's context, saying by how much: checked once, before a batch run starts.
+    `(objects, problems)` of one MiniGPT-v2 answer: `{"phrase": str | None, "box": [x1, y1, x2, y2]}` in pixels of
+    an image of `image_size` (width, height), and what could not be read (`post_process_grounding`).
+    """
+    found = processor.post_process_grounding([answer], [image_size])[0]
+    objects = [{"phrase": item["phrase"], "box": [round(value, 2) for value in item["box"]]} for item in found]
+    return objects, list(found.problems)
+
+
+def box_lines(objects: list[dict]) -> list[str]:
+    """One line per box, as the chat prints them: `box: PHRASE (x1, y1, x2, y2) px`."""
+    return [
+        f"box: {item['phrase'] or '(no phrase)'} ({', '.join(f'{value:g}' for value in item['box'])}) px"
+        for item in objects
+    ]
+
+
+def check_question_fits(model, processor, question: str, max_new_tokens: int, task: str | None = None) -> None:
+    """
+    Raises ValueError when one image plus `question` (in the chat template, with its MiniGPT-v2 `task`) plus
+    `max_new_tokens` new tokens exceed the language model's context, saying by how much: checked once, before a batch
+    run starts.
     """
     from PIL import Image
 
-    prompt = processor.apply_chat_template([user_message(question)], add_generation_prompt=True)
+    prompt = processor.apply_chat_template([user_message(question, task=task)], add_generation_prompt=True)
     length = len(processor(images=[Image.new("RGB", (1, 1))], text=prompt)["input_ids"][0])
     context = getattr(model.config.text_config, "max_position_embeddings", None)
     if context is not None and length + max_new_tokens > context:
@@ -382,6 +344,7 @@ class Conversation:
         self.messages: list[dict] = []
         self.images: list = []
         self.last_prompt: str | None = None
+        self.task: str | None = None  # MiniGPT-v2: the task identifier of the questions asked from now on
 
     # -- the original Chat's steps -----------------------------------------------------------------------------------
 
@@ -392,15 +355,20 @@ class Conversation:
         return "Received."
 
     def ask(self, text: str) -> None:
-        """Adds a question; right after an image upload it joins the image's turn, as `Chat.ask` did."""
+        """
+        Adds a question; right after an image upload it joins the image's turn, as `Chat.ask` did. With `task` set
+        (MiniGPT-v2), the question is asked with that task identifier.
+        """
         text = text.strip()
         if not text:
             raise ValueError("The question is empty.")
         last = self.messages[-1] if self.messages else None
         if last is not None and last["role"] == "user" and all(part["type"] == "image" for part in last["content"]):
             last["content"].append({"type": "text", "text": text})
+            if self.task is not None:
+                last["task"] = self.task
         else:
-            self.messages.append(user_message(text, with_image=False))
+            self.messages.append(user_message(text, with_image=False, task=self.task))
 
     def answer(self, **generation_overrides) -> str:
         """Generates the answer to the pending question, stores it in the history and returns it."""
@@ -455,7 +423,7 @@ class Conversation:
             self._store_answer(result["ids"], inputs)
 
     def reset(self, keep_images: bool = False) -> None:
-        """Forgets the history (the demo's Restart), and the images too unless `keep_images` (chat.py's `/reset`)."""
+        """Forgets the history (the demo's Restart), and the images too unless `keep_images` (the chat's `/reset`)."""
         images = list(self.images) if keep_images else []
         self.messages.clear()
         self.images.clear()
@@ -469,6 +437,8 @@ class Conversation:
         self.reset()
         return self.upload_image(loaded)
 
+    # -- helpers ----------------------------------------------------------------------------------------------------
+
     def withdraw_question(self) -> str | None:
         """
         Takes the pending question back out of the history (its image stays), e.g. when it cannot fit or its answer
@@ -480,12 +450,10 @@ class Conversation:
         question = next(part["text"] for part in reversed(last["content"]) if part["type"] == "text")
         remaining = [part for part in last["content"] if part["type"] != "text"]
         if remaining:
-            self.messages[-1] = {**last, "content": remaining}
+            self.messages[-1] = {"role": last["role"], "content": remaining}  # the question's task goes with it
         else:
             self.messages.pop()
         return question
-
-    # -- helpers ----------------------------------------------------------------------------------------------------
 
     def has_pending_question(self) -> bool:
         """Whether the last turn is a question still waiting for its answer."""
@@ -496,10 +464,7 @@ class Conversation:
     def _prepare(self, generation_overrides: dict):
         if not self.has_pending_question():
             raise ValueError("There is no question to answer: ask a question first.")
-        kwargs = {**self.generation_kwargs, **generation_overrides}
-        if not kwargs.get("do_sample", False):
-            kwargs.pop("temperature", None)
-            kwargs.pop("top_p", None)
+        kwargs = generation_kwargs({**self.generation_kwargs, **generation_overrides})
         inputs = self._fit_context(kwargs.get("max_new_tokens", CHAT_GENERATION_DEFAULTS["max_new_tokens"]))
         return inputs.to(input_device(self.model)), kwargs
 
@@ -539,6 +504,7 @@ class Conversation:
                        if isinstance(part, dict) and part.get("type") == "image"]
         if kept_images:
             self.messages[0] = {**self.messages[0], "content": kept_images + list(self.messages[0]["content"])}
+
 
     def _store_answer(self, generated: torch.LongTensor, inputs) -> str:
         answer = self.processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])[0]

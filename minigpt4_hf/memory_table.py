@@ -10,12 +10,12 @@ converted checkpoint holds the same tables for its own config (`memory_tables`).
     python -m minigpt4_hf.memory_table
 """
 
-import argparse
 
 import torch
 from torch import nn
 
 from configuration_minigpt4 import MiniGPT4Config
+from minigpt4_hf.cli.options import CommandLineParser
 from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
 
 
@@ -38,7 +38,7 @@ PARTS = {
     "projection (llama_proj)": ("language_projection",),
     "language model": ("language_model", "lm_head"),
 }
-MODES = {  # column name: the load flags of the chat, caption and demo tools that give it
+MODES = {  # column name: the load flags of minigpt4-chat, -caption and -demo that give it
     "fp32": "--dtype float32",
     "bf16": "--dtype bfloat16",
     "int8": "--load-in-8bit",
@@ -154,7 +154,7 @@ def tables() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    CommandLineParser("python -m minigpt4_hf.memory_table", description=__doc__).parse_args(argv)
     print(tables())
     return 0
 

@@ -13,17 +13,19 @@ from transformers import GenerationConfig
 
 from configuration_minigpt4 import MiniGPT4Config
 from minigpt4_hf.transformers_versions import supported_transformers_text
+from minigpt4_hf.generation import CHAT_GENERATION_DEFAULTS
 
 
-# `Chat.answer` of the original at 22d8888, the version that trained the released weights (facts sheet §4.4). The
-# later original Chat used repetition_penalty 1.05; see LIMITATIONS for why that cannot carry over exactly.
+# `Chat.answer` of the original (minigpt4/conversation/conversation.py@22d8888, the version that trained the released
+# weights), as generation_config.json holds it. The later original Chat used repetition_penalty 1.05; see LIMITATIONS
+# for why that cannot carry over exactly.
 ORIGINAL_CHAT_DEFAULTS = {
-    "max_new_tokens": 300,
-    "num_beams": 1,
-    "do_sample": True,
-    "top_p": 0.9,
-    "temperature": 1.0,
-    "repetition_penalty": 1.0,
+    "max_new_tokens": CHAT_GENERATION_DEFAULTS["max_new_tokens"],
+    "num_beams": CHAT_GENERATION_DEFAULTS["num_beams"],
+    "do_sample": CHAT_GENERATION_DEFAULTS["do_sample"],
+    "top_p": CHAT_GENERATION_DEFAULTS["top_p"],
+    "temperature": CHAT_GENERATION_DEFAULTS["temperature"],
+    "repetition_penalty": CHAT_GENERATION_DEFAULTS["repetition_penalty"],
     "length_penalty": 1.0,
     "min_length": 1,
 }
@@ -259,8 +261,8 @@ Built from this checkpoint's config on the meta device (`minigpt4_hf/memory_tabl
 
 ## Provenance
 
-Converted with `minigpt4-convert` (`scripts/convert_original_checkpoint.py`; transformers {{ transformers_version }},
-torch {{ torch_version }}, Python {{ python_version }}) from:
+Converted with `minigpt4-convert` (transformers {{ transformers_version }}, torch
+{{ torch_version }}, Python {{ python_version }}) from:
 
 | input | file | bytes | sha256 |
 |---|---|---|---|

@@ -1,20 +1,20 @@
-"""What several scripts share: building small random MiniGPT-4 models and loading a model + processor by flags."""
+"""
+Small randomly initialised MiniGPT-4 models of named sizes (tests, the quickstart, the benchmark) and the bundled
+assets. torch and transformers are imported when a model is built, so the tools' `--help` can list the sizes fast.
+"""
 
 import os
 from pathlib import Path
-
-import torch
-from transformers import AutoTokenizer
-
-from configuration_minigpt4 import MiniGPT4Config
-from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
-from processing_minigpt4 import CHAT_TEMPLATES, MiniGPT4Processor, variant_stop_token_ids
 
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TINY_TOKENIZER_DIR = ASSETS_DIR / "tiny_tokenizer"
 EXAMPLE_IMAGE = ASSETS_DIR / "example.jpg"
 
+# A small LLaMA (8 layers, width 512) for the random models above "tiny".
+SMALL_LLAMA = {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
+               "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 2048,
+               "rms_norm_eps": 1e-6}
 # Named sizes of random models (the real MiniGPT-4 sizes are MiniGPT4Config's defaults).
 MODEL_SIZES = {
     # The sizes of tests/fixtures/original_tiny (56 px, 6 queries, LLaMA width 64).
@@ -23,9 +23,8 @@ MODEL_SIZES = {
                           "num_attention_heads": 4, "intermediate_size": 244},
         "qformer_config": {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
                            "intermediate_size": 192},
-        "text_config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
-                        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 2048,
-                        "rms_norm_eps": 1e-6},
+        "text_config": {**SMALL_LLAMA, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 4},
         "num_query_tokens": 6,
     },
     "small": {
@@ -33,50 +32,12 @@ MODEL_SIZES = {
                           "num_attention_heads": 6, "intermediate_size": 1536},
         "qformer_config": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
                            "intermediate_size": 1024},
-        "text_config": {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
-                        "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 2048,
-                        "rms_norm_eps": 1e-6},
+        "text_config": SMALL_LLAMA,
         "num_query_tokens": 32,
     },
     # The real ViT-g + Q-Former shapes; a small LLaMA.
-    "vision-full": {
-        "vision_config": {},
-        "qformer_config": {},
-        "text_config": {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
-                        "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 2048,
-                        "rms_norm_eps": 1e-6},
-        "num_query_tokens": 32,
-    },
+    "vision-full": {"vision_config": {}, "qformer_config": {}, "text_config": SMALL_LLAMA, "num_query_tokens": 32},
 }
-
-
-def load_model_and_processor(model_path: str | os.PathLike, **from_pretrained_kwargs):
-    """
-    A saved MiniGPT-4 (`save_pretrained` folder or Hub id) and its processor, loaded with this checkout's classes
-    (the code copied into the folder is neither run nor asked about). `from_pretrained_kwargs` go to the model
-    (`dtype`, `device_map`, `quantization_config`, ...). Returns `(model, processor)`, the model in eval mode.
-    """
-    try:
-        processor = MiniGPT4Processor.from_pretrained(model_path)
-        model = MiniGPT4ForConditionalGeneration.from_pretrained(model_path, **from_pretrained_kwargs)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"Could not load a MiniGPT-4 model and processor from {str(model_path)!r}: {error}. Give a folder "
-            "written by save_pretrained (or by scripts/train.py / convert_original_checkpoint.py) or a Hub id."
-        ) from None
-    return model.eval(), processor
-
-
-@torch.inference_mode()
-def generate_answers(model, processor, images: list, prompts: list[str], **generation_kwargs) -> list[str]:
-    """
-    One left-padded batched `generate` call, one image per prompt; returns each row's answer as the original chat
-    post-processed it (new tokens only, cut at `###`).
-    """
-    inputs = processor(images=list(images), text=list(prompts), padding_side="left", return_tensors="pt")
-    inputs = inputs.to(model.get_input_embeddings().weight.device)
-    generated = model.generate(**inputs, **generation_kwargs)
-    return processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])
 
 
 def build_random_model(size: str = "tiny", tokenizer_dir: str | os.PathLike = TINY_TOKENIZER_DIR, seed: int = 0,
@@ -89,6 +50,13 @@ def build_random_model(size: str = "tiny", tokenizer_dir: str | os.PathLike = TI
     The vocabulary, special-token ids, image token and stop sequences come from the tokenizer, so the pair behaves
     like a converted checkpoint. Returns `(model, processor)`.
     """
+    import torch
+    from transformers import AutoTokenizer
+
+    from configuration_minigpt4 import MiniGPT4Config
+    from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
+    from processing_minigpt4 import CHAT_TEMPLATES, MiniGPT4Processor, variant_stop_token_ids
+
     if size not in MODEL_SIZES:
         raise ValueError(f"Unknown size {size!r}; choose one of {', '.join(MODEL_SIZES)}.")
     if variant not in CHAT_TEMPLATES:

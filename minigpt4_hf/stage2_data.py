@@ -1,5 +1,6 @@
 """
-Building MiniGPT-4's stage-2 data (`cc_sbu_align`) from a folder of images, as the paper did (facts file, section 5).
+Building MiniGPT-4's stage-2 data (`cc_sbu_align`) from a folder of images, as the paper did (arXiv 2304.10592,
+section 3.2).
 
 Steps, each one resumable through its own JSON-lines journal in the work folder:
 
@@ -26,7 +27,6 @@ import random
 import re
 import shutil
 import socket
-import threading
 import time
 import http.client
 import urllib.error
@@ -37,10 +37,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from minigpt4_hf.files import atomic_path
+from minigpt4_hf.generation import CHAT_GENERATION_DEFAULTS, generation_kwargs
+from minigpt4_hf.inputs import check_model_path
+from minigpt4_hf.journal import Journal
+
 
 logger = logging.getLogger("stage2_data")
 
-# The paper's prompts (facts file, section 5). The processor puts BOS in front; there is no system text.
+# The paper's prompts (arXiv 2304.10592, section 3.2). The processor puts BOS in front; there is no system text.
 DESCRIBE_PROMPT = (
     "###Human: <Img><ImageHere></Img> Describe this image in detail. Give as many details as possible. "
     "Say everything you see. ###Assistant: "
@@ -73,74 +78,7 @@ DROP_REASONS = {
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The journal.
-
-
-class Journal:
-    """
-    An append-only JSON-lines file with one record per finished item, keyed by `image_id`.
-
-    Each record is written as one whole line with a single `write` and then flushed to disk (`fsync`), so a process
-    killed at any moment leaves every earlier record intact. A last line cut short by a kill (the item in flight) is
-    removed when the journal is opened again. When an item has several records, the last one counts.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.records: dict[str, dict] = {}
-        self._lock = threading.Lock()
-        self._fd: int | None = None
-        self._load()
-
-    def _load(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            complete = data.rfind(b"\n") + 1
-            logger.warning("%s: dropping a line cut short by an interrupted run (that item is redone).", self.path)
-            with open(self.path, "r+b") as handle:
-                handle.truncate(complete)
-                handle.flush()
-                os.fsync(handle.fileno())
-            data = data[:complete]
-        for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                key = record["image_id"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(
-                    f"{self.path}, line {number}, is not a journal record (a JSON object with an image_id). Was the "
-                    "file edited by hand? Delete that line (its item is then redone) and run again."
-                ) from None
-            self.records[str(key)] = record
-
-    def append(self, record: dict) -> None:
-        """Appends one record (thread-safe) and makes it durable before returning."""
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        with self._lock:
-            if self._fd is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            written = 0
-            while written < len(line):
-                written += os.write(self._fd, line[written:])
-            os.fsync(self._fd)
-            self.records[str(record["image_id"])] = record
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-
-    def __enter__(self) -> "Journal":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+# Journals and the work folder.
 
 
 def digest(*texts: str) -> str:
@@ -217,43 +155,30 @@ class DescribeSettings:
     """How the stage-1 model writes the descriptions (defaults: the original demo's sampling, 300 new tokens)."""
 
     batch_size: int = 8
-    max_new_tokens: int = 300
+    max_new_tokens: int = CHAT_GENERATION_DEFAULTS["max_new_tokens"]
     min_answer_tokens: int = 80  # answers shorter than this get the "Continue" turn (the paper's 80 tokens)
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 0.9
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
+    do_sample: bool = CHAT_GENERATION_DEFAULTS["do_sample"]
+    temperature: float = CHAT_GENERATION_DEFAULTS["temperature"]
+    top_p: float = CHAT_GENERATION_DEFAULTS["top_p"]
+    num_beams: int = CHAT_GENERATION_DEFAULTS["num_beams"]
+    repetition_penalty: float = CHAT_GENERATION_DEFAULTS["repetition_penalty"]
     seed: int = 42
 
 
-def load_stage1_model(model_path: str, device: str | None = None, dtype: str = "auto"):
-    """Loads a saved MiniGPT-4 (`save_pretrained` folder or Hub id) and its processor, in eval mode on `device`."""
-    import torch
-
-    from minigpt4_hf.random_models import load_model_and_processor
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "float16" if device.startswith("cuda") else "float32"
-    model, processor = load_model_and_processor(model_path, dtype=getattr(torch, dtype))
-    return model.to(device), processor
-
-
-def generate_answers(model, processor, images: list, prompts: list[str], settings: DescribeSettings) -> list[str]:
+def describe_batch(model, processor, images: list, prompts: list[str], settings: DescribeSettings) -> list[str]:
     """One batched `generate` call with the describe settings; returns each row's answer text."""
-    from minigpt4_hf.random_models import generate_answers as generate_batch
+    from minigpt4_hf.inference import generate_answers
 
-    options = dict(
-        max_new_tokens=settings.max_new_tokens,
-        num_beams=settings.num_beams,
-        repetition_penalty=settings.repetition_penalty,
-        do_sample=settings.do_sample,
-        pad_token_id=processor.tokenizer.pad_token_id,
-    )
-    if settings.do_sample:
-        options.update(temperature=settings.temperature, top_p=settings.top_p)
-    return generate_batch(model, processor, images, prompts, **options)
+    settings_kwargs = generation_kwargs({
+        "max_new_tokens": settings.max_new_tokens,
+        "num_beams": settings.num_beams,
+        "repetition_penalty": settings.repetition_penalty,
+        "do_sample": settings.do_sample,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "pad_token_id": processor.tokenizer.pad_token_id,
+    })
+    return generate_answers(model, processor, images, prompts, **settings_kwargs)
 
 
 def describe_images(model, processor, images: list[tuple[str, Path]], journal: Journal,
@@ -287,13 +212,13 @@ def describe_images(model, processor, images: list[tuple[str, Path]], journal: J
         if not batch:
             continue
         pil_images = [image for _, _, image in batch]
-        first = generate_answers(model, processor, pil_images, [DESCRIBE_PROMPT] * len(batch), settings)
+        first = describe_batch(model, processor, pil_images, [DESCRIBE_PROMPT] * len(batch), settings)
         first_lengths = [len(ids) for ids in tokenizer(first, add_special_tokens=False)["input_ids"]]
         short = [row for row, length in enumerate(first_lengths) if length < settings.min_answer_tokens]
         continuations: dict[int, str] = {}
         if short:
             prompts = [DESCRIBE_PROMPT + first[row] + CONTINUE_PROMPT for row in short]
-            answers = generate_answers(model, processor, [pil_images[row] for row in short], prompts, settings)
+            answers = describe_batch(model, processor, [pil_images[row] for row in short], prompts, settings)
             continuations = dict(zip(short, answers))
         for row, (image_id, path, _) in enumerate(batch):
             continuation = continuations.get(row)
@@ -454,15 +379,15 @@ class LocalLMRefiner:
 
     def __init__(self, path: str, device: str | None = None, dtype: str = "auto", max_new_tokens: int = 1024,
                  temperature: float = 0.7, top_p: float = 1.0):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        from minigpt4_hf.inference import resolve_device, resolve_dtype
+
+        resolved_device = resolve_device(device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, resolved_device))
+            self.model = self.model.to(resolved_device).eval()
         except (OSError, ValueError) as error:
             raise ValueError(f"Could not load a causal LM and tokenizer from --refiner-local {path}: {error}") from None
         if self.tokenizer.pad_token is None:
@@ -494,10 +419,9 @@ class LocalLMRefiner:
             [text for text, _ in prompts], add_special_tokens=not has_special_tokens, padding=True,
             padding_side="left", return_tensors="pt",
         ).to(self.model.device)
-        options = dict(max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                       do_sample=self.temperature > 0)
-        if self.temperature > 0:
-            options.update(temperature=self.temperature, top_p=self.top_p)
+        options = generation_kwargs({"max_new_tokens": self.max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id,
+                                     "do_sample": self.temperature > 0, "temperature": self.temperature,
+                                     "top_p": self.top_p})
         with torch.inference_mode():
             generated = self.model.generate(**inputs, **options)
         new_tokens = generated[:, inputs["input_ids"].shape[1] :]
@@ -532,7 +456,7 @@ def refine_descriptions(refiner, describe_journal: Journal, journal: Journal, co
 
     counts: Counter = Counter()
 
-    def record(image_id: str, source: str, outcome: RefineResult | RefineFailure) -> None:
+    def record_outcome(image_id: str, source: str, outcome: RefineResult | RefineFailure) -> None:
         if isinstance(outcome, RefineFailure):
             journal.append({"image_id": image_id, "status": "failed", "error": str(outcome),
                             "attempts": outcome.attempts, "source_digest": source})
@@ -549,7 +473,7 @@ def refine_descriptions(refiner, describe_journal: Journal, journal: Journal, co
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             for (image_id, _, source), result in zip(batch, refiner.refine_batch([text for _, text, _ in batch])):
-                record(image_id, source, result)
+                record_outcome(image_id, source, result)
             progress.update(len(batch))
     else:
         pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="refine")
@@ -561,7 +485,7 @@ def refine_descriptions(refiner, describe_journal: Journal, journal: Journal, co
                     outcome = future.result()
                 except RefineFailure as failure:
                     outcome = failure
-                record(image_id, source, outcome)
+                record_outcome(image_id, source, outcome)
                 progress.update(1)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -694,16 +618,14 @@ def write_review_file(path: Path, describe_journal: Journal, filter_journal: Jou
     comma-separated for a `.csv` name). `keep` starts as the filter's decision; a reviewer flips it (1/0) and may edit
     `text`. Returns the number of rows.
     """
-    temporary = path.with_name(path.name + ".tmp")
     rows = 0
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, delimiter=_delimiter_for(path))
         writer.writerow(REVIEW_COLUMNS)
         for image_id, decision in filter_journal.records.items():
             image = describe_journal.records.get(image_id, {}).get("image", "")
             writer.writerow([image_id, int(decision["keep"]), decision["reason"] or "", image, decision["text"]])
             rows += 1
-    os.replace(temporary, path)
     return rows
 
 
@@ -828,8 +750,8 @@ def export_dataset(items: list[tuple[str, Path, str]], summary: dict, output_dir
     """
     Writes `output_dir/cc_sbu_align/` (`filter_cap.json` + `image/{image_id}.jpg`, the original layout),
     `output_dir/hf_dataset/` (`datasets.load_from_disk`; columns `image_id`, `image`, `caption`) and
-    `output_dir/summary.json`. Everything is built in a temporary folder and then moved into place, so an interrupted
-    export leaves the previous one whole. Returns the summary.
+    `output_dir/summary.json`. Everything is built in a temporary folder and then moved into place (other entries of
+    `output_dir` stay), so an interrupted export leaves the previous one whole. Returns the summary.
     """
     if not items:
         raise ValueError(
@@ -837,23 +759,8 @@ def export_dataset(items: list[tuple[str, Path, str]], summary: dict, output_dir
             "first, or look at the drop reasons in the work folder's filter.jsonl."
         )
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = output_dir / f".export-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
+    with atomic_path(output_dir, directory=True, merge=True) as staging:
         _write_export(items, summary, staging)
-        for name in ("cc_sbu_align", "hf_dataset", "summary.json"):
-            target = output_dir / name
-            if target.exists():
-                old = output_dir / f".old-{name}-{os.getpid()}"
-                os.replace(target, old)
-                os.replace(staging / name, target)
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-            else:
-                os.replace(staging / name, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
     if push_to_hub:
         push_dataset_to_hub(output_dir, push_to_hub, private=private)
@@ -861,7 +768,7 @@ def export_dataset(items: list[tuple[str, Path, str]], summary: dict, output_dir
 
 
 def _write_export(items: list[tuple[str, Path, str]], summary: dict, staging: Path) -> None:
-    """Writes the three export parts into `staging`."""
+    """Writes the three export parts (and nothing else) into `staging`."""
     import datasets
 
     align_dir = staging / "cc_sbu_align"
@@ -904,7 +811,7 @@ def push_dataset_to_hub(output_dir: Path, repo_id: str, private: bool = False) -
 
     dataset = datasets.load_from_disk(str(output_dir / "hf_dataset"))
     dataset.push_to_hub(repo_id, private=private,
-                        commit_message="MiniGPT-4 stage-2 data built by scripts/build_stage2_data.py")
+                        commit_message="MiniGPT-4 stage-2 data built by minigpt4-build-stage2-data")
     HfApi().upload_file(path_or_fileobj=str(output_dir / "summary.json"), path_in_repo="build_summary.json",
                         repo_id=repo_id, repo_type="dataset")
     logger.info("Pushed %d rows to https://huggingface.co/datasets/%s", len(dataset), repo_id)
@@ -927,7 +834,7 @@ def format_summary(summary: dict) -> str:
 
 @dataclasses.dataclass
 class BuildConfig:
-    """Everything one run needs (the command-line flags of scripts/build_stage2_data.py)."""
+    """Everything one run needs (the command-line flags of minigpt4-build-stage2-data)."""
 
     work_dir: str
     steps: tuple[str, ...] = DEFAULT_STEPS
@@ -938,6 +845,9 @@ class BuildConfig:
     model: str | None = None
     device: str | None = None
     dtype: str = "auto"
+    device_map: str | None = None
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
     describe: DescribeSettings = dataclasses.field(default_factory=DescribeSettings)
     # refine
     refiner_url: str | None = None
@@ -976,6 +886,8 @@ def check_config(config: BuildConfig) -> None:
     steps = set(config.steps)
     if "describe" in steps and not (config.images and config.model):
         raise ValueError("The describe step needs --images DIR and --model PATH (the stage-1 model).")
+    if "describe" in steps:
+        check_model_path(config.model)
     if "refine" in steps:
         if bool(config.refiner_local) == bool(config.refiner_url):
             raise ValueError("The refine step needs either --refiner-url URL (with --refiner-model) or "
@@ -1015,7 +927,12 @@ def run(config: BuildConfig) -> dict | None:
     with WorkDirLock(work_dir), Journal(work_dir / "describe.jsonl") as described, \
             Journal(work_dir / "refine.jsonl") as refined, Journal(work_dir / "filter.jsonl") as filtered:
         if "describe" in config.steps:
-            model, processor = load_stage1_model(config.model, config.device, config.dtype)
+            from minigpt4_hf.inference import load_model_and_processor
+
+            model, processor = load_model_and_processor(
+                config.model, device=config.device, dtype=config.dtype, device_map=config.device_map,
+                load_in_8bit=config.load_in_8bit, load_in_4bit=config.load_in_4bit,
+            )
             count = describe_images(model, processor, images, described, config.describe)
             logger.info("describe: %d image(s) described.", count)
             del model

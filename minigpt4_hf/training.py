@@ -2,7 +2,7 @@
 The MiniGPT-4 training recipe as reusable pieces: data sources, per-sample formatting, the collator, the original's
 optimizer groups and learning-rate schedule, model preparation (freezing, projection warm start, LoRA) and saving.
 
-`scripts/train.py` wires these into a stock `transformers.Trainer`; other scripts (data export, conversion) reuse
+`minigpt4-train` (minigpt4_hf/cli/train.py) wires these into a stock `transformers.Trainer`; other tools reuse
 the loaders and the projection helpers. The values and behaviours follow the original two-stage recipe (Vision-CAIR
 MiniGPT-4 `train_configs/minigpt4_stage{1,2}_*.yaml`, `blip_processors.py`, `common/optims.py`).
 
@@ -24,15 +24,12 @@ Data flow of one training sample:
        pixel_values, labels (-100 everywhere but the answers' tokens).
 """
 
-import glob
 import json
 import logging
 import math
 import os
 import random
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,122 +42,28 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from configuration_minigpt4 import DEFAULT_IMAGE_TOKEN
+from minigpt4_hf.files import atomic_path
+from minigpt4_hf.inputs import check_data_path, find_webdataset_shards
+from minigpt4_hf.recipe import (  # noqa: F401 (the presets and templates are part of this module's API)
+    ALIGNMENT_PROMPTS,
+    BOS_TEXT,
+    CAPTION_MAX_WORDS,
+    IMAGE_INSTRUCTION_FORMAT,
+    IMAGE_TRANSFORMS,
+    LLAMA2_PROMPT_TEMPLATE,
+    STAGE2_PROMPT_TEMPLATE,
+    STAGE_PRESETS,
+    TRAINING_PRESETS,
+    V2_IMAGE_INSTRUCTION_FORMAT,
+    V2_PROMPT_TEMPLATE,
+)
 from processing_minigpt4 import load_rgb_image
 
 
 logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The original recipe (facts file, section 3).
-
-# `prompt_template` of train_configs/minigpt4_stage2_finetune.yaml.
-STAGE2_PROMPT_TEMPLATE = "###Human: {} ###Assistant: "
-# `prompt_template` of train_configs/minigpt4_llama2_stage2_finetune.yaml (trailing space included).
-LLAMA2_PROMPT_TEMPLATE = "[INST] {} [/INST] "
-# `prompt_template` of train_configs/minigptv2_finetune.yaml (no trailing space: its instructions end with one).
-V2_PROMPT_TEMPLATE = "[INST] {} [/INST]"
-# prompts/alignment.txt of the original, in file order.
-ALIGNMENT_PROMPTS = (
-    "<Img><ImageHere></Img> Describe this image in detail.",
-    "<Img><ImageHere></Img> Take a look at this image and describe what you notice.",
-    "<Img><ImageHere></Img> Please provide a detailed description of the picture.",
-    "<Img><ImageHere></Img> Could you describe the contents of this image for me?",
-)
-# How a record's own instruction is put with its image: the alignment prompts' form, and the form every MiniGPT-v2
-# dataset used (`'<Img><ImageHere></Img> {} '`, e.g. minigpt4/datasets/datasets/coco_dataset.py@d94738a).
-IMAGE_INSTRUCTION_FORMAT = "<Img><ImageHere></Img> {}"
-V2_IMAGE_INSTRUCTION_FORMAT = "<Img><ImageHere></Img> {} "
-# The text that starts each later question of a conversation (`bos_token + question` in the original's
-# `tokenize_conversation`, minigpt4/models/minigpt_base.py@d94738a); the processor reads it as the BOS id.
-BOS_TEXT = "<s>"
-# `BlipCaptionProcessor(max_words=50)`.
-CAPTION_MAX_WORDS = 50
-
-# The original MiniGPT-4 (Vicuna v0) runs; MiniGPT-4 with Llama-2 used the same schedule
-# (train_configs/minigpt4_llama2_stage{1_pretrain,2_finetune}.yaml).
-_STAGE1 = {
-    # train_configs/minigpt4_stage1_pretrain.yaml: LAION + CC/SBU, 4 "epochs" x 5000 iterations, batch 64 per GPU.
-    "learning_rate": 1e-4,  # init_lr
-    "min_lr": 8e-5,
-    "warmup_lr": 1e-6,
-    "warmup_steps": 5000,
-    "weight_decay": 0.05,
-    "max_steps": 20000,
-    "per_device_train_batch_size": 64,
-    "max_grad_norm": 0.0,  # the original never clips gradients
-    "seed": 42,
-    "save_steps": 5000,  # the original saved a checkpoint per 5000-iteration "epoch"
-    "logging_steps": 50,  # log_freq
-    "max_txt_len": 32,
-    "end_symbol": "\n",
-    "prompt_template": "",  # no prompt: [BOS][image][caption + "\n"]
-    "clean_captions": True,  # blip_caption text processor
-}
-_STAGE2 = {
-    # train_configs/minigpt4_stage2_finetune.yaml: cc_sbu_align, 5 "epochs" x 200 iterations, batch 12, 1 GPU.
-    "learning_rate": 3e-5,
-    "min_lr": 1e-5,
-    "warmup_lr": 1e-6,
-    "warmup_steps": 200,
-    "weight_decay": 0.05,
-    "max_steps": 1000,
-    "per_device_train_batch_size": 12,
-    "max_grad_norm": 0.0,
-    "seed": 42,
-    "save_steps": 200,
-    "logging_steps": 50,
-    "max_txt_len": 160,
-    "end_symbol": "###",
-    "prompt_template": STAGE2_PROMPT_TEMPLATE,
-    "clean_captions": False,  # CCSBUAlignDataset used the captions raw
-}
-
-# What `--variant V --stage N` sets; every value can be overridden on the command line. Keys are the flag names of
-# scripts/train.py (TrainingArguments fields and the script's own data/model fields).
-TRAINING_PRESETS: dict[str, dict[int, dict[str, Any]]] = {
-    "vicuna0": {1: _STAGE1, 2: _STAGE2},
-    "llama2": {
-        # minigpt4_llama2_stage1_pretrain.yaml sets only the model type: the defaults of stage 1 apply (no prompt,
-        # end "\n", max_txt_len 32).
-        1: dict(_STAGE1),
-        # minigpt4_llama2_stage2_finetune.yaml: the Llama-2 template and its end of sequence.
-        2: {**_STAGE2, "end_symbol": "</s>", "prompt_template": LLAMA2_PROMPT_TEMPLATE},
-    },
-    "v2": {
-        # minigptv2_finetune.yaml (the released stage-3 fine-tuning, from the stage-2 checkpoint): 50 "epochs" x
-        # 1000 iterations, LoRA r 64 / alpha 16 on q_proj and v_proj (dropout 0.05, minigpt_v2.py's default),
-        # 448 px squashed (boxes in the answers stay true), answers up to 1024 tokens ending in "</s>". The
-        # original drew a dataset per iteration with its own batch size (2-6); here one batch size serves all.
-        3: {
-            "learning_rate": 1e-5,
-            "min_lr": 1e-6,
-            "warmup_lr": 1e-6,
-            "warmup_steps": 1000,
-            "weight_decay": 0.05,
-            "max_steps": 50000,
-            "per_device_train_batch_size": 6,
-            "max_grad_norm": 0.0,
-            "seed": 42,
-            "save_steps": 1000,
-            "logging_steps": 50,
-            "max_txt_len": 1024,
-            "end_symbol": "</s>",
-            "prompt_template": V2_PROMPT_TEMPLATE,
-            "instruction_format": V2_IMAGE_INSTRUCTION_FORMAT,
-            "followup_format": "{} ",
-            "clean_captions": False,
-            "image_transform": "resize",
-            "lora_r": 64,
-            "lora_alpha": 16,
-            "lora_dropout": 0.05,
-            "lora_target_modules": ["q_proj", "v_proj"],
-        },
-    },
-}
-# The Vicuna v0 presets by stage (the same dicts).
-STAGE_PRESETS: dict[int, dict[str, Any]] = TRAINING_PRESETS["vicuna0"]
-
-IMAGE_TRANSFORMS = ("random_resized_crop", "resize")
+# The original recipe: its values live in minigpt4_hf/recipe.py.
 
 
 def clean_caption(caption: str, max_words: int = CAPTION_MAX_WORDS) -> str:
@@ -487,13 +390,13 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def record(self, index: int) -> dict:
+    def record_at(self, index: int) -> dict:
         return row_to_record(self.records[index], self.columns, index)
 
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self)):
             current = (index + offset) % len(self)
-            record = self.record(current)
+            record = self.record_at(current)
             if record["sample_id"] in self.skipped.reasons:
                 continue
             try:
@@ -610,33 +513,6 @@ def row_to_record(row: dict, columns: dict[str, str | None], index: int, base_di
             "conversation": conversation, "sample_id": str(index if sample_id is None else sample_id)}
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """Expands webdataset/bash numeric ranges: `shard-{000..002}.tar` -> `shard-000.tar`, ..., `shard-002.tar`."""
-    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if match is None:
-        return [pattern]
-    first, last = match.group(1), match.group(2)
-    width = len(first) if first.startswith("0") else 0
-    expanded = []
-    for number in range(int(first), int(last) + 1):
-        expanded.extend(expand_braces(pattern[: match.start()] + str(number).zfill(width) + pattern[match.end():]))
-    return expanded
-
-
-def find_webdataset_shards(path: str) -> list[str]:
-    """The `.tar` shards a folder, a glob or a `{000..999}` pattern names (sorted); empty if it names none."""
-    if os.path.isdir(path):
-        return sorted(glob.glob(os.path.join(path, "*.tar")))
-    if path.endswith(".tar") and os.path.isfile(path):
-        return [path]
-    if any(char in path for char in "*?[{"):
-        shards = [file for pattern in expand_braces(path) for file in sorted(glob.glob(pattern))]
-        shards = [file for file in shards if file.endswith(".tar")]
-        if shards or "{" not in path:
-            return shards
-    return []
-
-
 def _pick_column(names: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, source: str,
                  required: bool = True) -> str | None:
     if wanted:
@@ -711,14 +587,8 @@ def load_image_text_source(path: str, image_column: str | None = None, text_colu
     if os.path.isfile(os.path.join(path, "filter_cap.json")):
         return load_cc_sbu_align(path, skipped), record_columns, None
 
+    check_data_path(path)
     shards = find_webdataset_shards(path)
-    if not shards and not os.path.exists(path):
-        looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None and not path.startswith(".")
-        if any(char in path for char in "*?[{") or not looks_like_hub_id:
-            raise ValueError(
-                f"--data_path {path!r} matches no file or folder. Give a cc_sbu_align folder, webdataset .tar shards "
-                "(folder, glob or {00000..00099} range), a saved HF dataset, a data file or a Hub dataset id."
-            )
     if shards:
         stream = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", streaming=True)
         stream = stream.decode(False)
@@ -875,7 +745,7 @@ class TrainingCollator:
             keys = sorted(samples[0]) if samples else []
             raise ValueError(
                 f"The collator needs the sample fields {needed}, got {keys}. Trainer removed them: set "
-                "remove_unused_columns=False (scripts/train.py does)."
+                "remove_unused_columns=False (minigpt4-train does)."
             )
         images = [sample["image"] for sample in samples]
         if any(image is None for image in images):  # text-only samples: the images row by row
@@ -1003,7 +873,8 @@ PROJECTION_FILE_NAME = "language_projection.safetensors"
 def load_projection_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     Reads a projection checkpoint as `{"weight", "bias"}`: a safetensors file written by a training run
-    (`language_projection.{weight,bias}`, or bare `weight`/`bias`), or the original's `.pth`
+    (`language_projection.{weight,bias}`, or bare `weight`/`bias`), a Trainer checkpoint's `model.safetensors`
+    (`model.language_projection.{weight,bias}`), or the original's `.pth`
     (`{"model": {"llama_proj.weight", "llama_proj.bias", ...}}`, e.g. a stage-1 `checkpoint_*.pth` or
     `pretrained_minigpt4.pth`).
     """
@@ -1021,7 +892,8 @@ def load_projection_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = state["model"]
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict.")
-    for prefix in (PROJECTION_PREFIX, ORIGINAL_PROJECTION_PREFIX, ""):
+    # A training run's file, a Trainer checkpoint of the current layout (`model.language_projection.*`), the original's.
+    for prefix in (PROJECTION_PREFIX, "model." + PROJECTION_PREFIX, ORIGINAL_PROJECTION_PREFIX, ""):
         weights = {suffix: state.get(prefix + suffix) for suffix in ("weight", "bias")}
         if all(isinstance(value, torch.Tensor) for value in weights.values()):
             return weights
@@ -1140,28 +1012,11 @@ def trainable_parameter_summary(model: nn.Module) -> str:
 # Saving the result.
 
 
-def _move_into(staging: Path, output_dir: Path) -> None:
-    """Moves every entry of `staging` into `output_dir`, replacing same-named entries (each move is a rename)."""
-    for entry in staging.iterdir():
-        target = output_dir / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-
-
 def save_projection_file(projection: dict[str, torch.Tensor], path: str | os.PathLike,
                          metadata: dict[str, str] | None = None) -> None:
     """Writes the projection alone (`language_projection.{weight,bias}`) as safetensors, via a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        temporary = handle.name
-    try:
-        safetensors.torch.save_file(projection, temporary, metadata={"format": "pt", **(metadata or {})})
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_path(path) as temporary:
+        safetensors.torch.save_file(projection, str(temporary), metadata={"format": "pt", **(metadata or {})})
 
 
 def save_trained_model(model: nn.Module, processor, output_dir: str | os.PathLike, *, merge_lora: bool = False,
@@ -1171,17 +1026,14 @@ def save_trained_model(model: nn.Module, processor, output_dir: str | os.PathLik
     (safetensors, config with `auto_map`, code files, processor), and `language_projection.safetensors` (the trained
     projection alone). LoRA adapters are merged into the weights with `merge_lora`; otherwise the folder holds the
     base language model and the adapters go to `output_dir/lora_adapter` (load them with `model.load_adapter`).
-    Everything is written to a temporary folder first and then moved in. The config is saved as loaded: training
-    switches parts on through `apply_freezing` arguments, never through the config.
+    Everything is written to a temporary folder first and then moved in (`atomic_path(..., merge=True)`). The config
+    is saved as loaded: training switches parts on through `apply_freezing` arguments, never through the config.
 
     Returns:
         The plain `MiniGPT4ForConditionalGeneration` that was saved (LoRA merged or removed).
     """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     projection = projection_state_dict(model)
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".final-") as staging:
-        staging = Path(staging)
+    with atomic_path(output_dir, directory=True, merge=True) as staging:
         if hasattr(model, "merge_and_unload"):  # PEFT
             if merge_lora:
                 model = model.merge_and_unload()
@@ -1194,7 +1046,6 @@ def save_trained_model(model: nn.Module, processor, output_dir: str | os.PathLik
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         save_projection_file(projection, staging / PROJECTION_FILE_NAME, metadata)
-        _move_into(staging, output_dir)
     model.apply_freezing()
     return model
 

@@ -13,8 +13,10 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL_TINY = REPO_ROOT / "tests" / "fixtures" / "original_tiny"
-# Remote-code modules that tests load go to a throwaway cache, never to ~/.cache.
+# Remote-code modules that tests load go to a throwaway cache, never to ~/.cache; nothing asks the Hub (a Hub id that
+# does not exist fails at once instead of after network retries).
 os.environ.setdefault("HF_MODULES_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "minigpt4-test-modules"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from minigpt4_hf.random_models import EXAMPLE_IMAGE, build_random_model  # noqa: E402

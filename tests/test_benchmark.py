@@ -1,4 +1,4 @@
-"""Issue 7: the benchmark's machinery, and the speed-related behaviours of the model that hold without any timing."""
+"""minigpt4-benchmark's machinery, and the speed-related behaviours of the model that hold without any timing."""
 
 import inspect
 import json
@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from minigpt4_hf.cli.benchmark import main as benchmark_main
+from minigpt4_hf.cli.options import UserError
 from minigpt4_hf.benchmark import (
     TARGET_GOALS,
     PeakMemory,
@@ -118,12 +119,11 @@ def test_decode_steps_do_not_look_for_image_placeholders(tiny, example_image, mo
     assert lookups == [inputs["input_ids"].shape]
 
 
-def test_forward_signature_is_precomputed_and_lists_the_forward_arguments(tiny):
+def test_forward_lists_the_arguments_generate_passes(tiny):
     model, _ = tiny
     parameters = inspect.signature(model.forward).parameters
-    assert MiniGPT4ForConditionalGeneration.forward.__signature__ is not None
     assert list(parameters)[:3] == ["input_ids", "pixel_values", "attention_mask"]
-    assert "mm_encoder_outputs" in parameters and model._supports_mm_encoder_outputs()
+    assert "mm_encoder_outputs" in parameters
 
 
 def test_stop_criterion_marks_exactly_the_rows_ending_with_a_stop_sequence():
@@ -256,15 +256,14 @@ def test_results_table_has_a_pass_or_fail_row_per_target(tiny_benchmark):
         assert len(rows) == 1 and rows[0].endswith(("| PASS |", "| FAIL |"))
 
 
-def test_benchmark_refuses_cuda_without_a_gpu(capsys):
+def test_benchmark_refuses_cuda_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="no CUDA GPU"):
         benchmark_main(["--device", "cuda"])
-    assert "no CUDA GPU" in capsys.readouterr().err
 
 
 def test_benchmark_refuses_zero_repeats(capsys):
     with pytest.raises(SystemExit):
         benchmark_main(["--repeats", "0"])
-    assert "positive integer" in capsys.readouterr().err
+    assert "must be at least 1" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Stage-2 data building (scripts/build_stage2_data.py + scripts/stage2_data.py): describe, refine, filter, review,
+"""Stage-2 data building (minigpt4-build-stage2-data + minigpt4_hf.stage2_data): describe, refine, filter, review,
 export, and resuming after a kill."""
 
 import csv
@@ -17,12 +17,13 @@ from PIL import Image
 
 import minigpt4_hf.cli.build_stage2_data as build_stage2_data
 import minigpt4_hf.stage2_data as stage2_data
+from minigpt4_hf.cli.options import UserError
+from minigpt4_hf.journal import Journal
 from minigpt4_hf.stage2_data import (
     CONTINUE_PROMPT,
     DESCRIBE_PROMPT,
     FIX_PROMPT,
     DescribeSettings,
-    Journal,
     OpenAIChatRefiner,
     RefinerSetupError,
     describe_images,
@@ -183,14 +184,14 @@ def test_describe_asks_the_paper_prompt_then_continue_for_short_answers(tiny_sha
     model, processor = tiny_shared
     images = [(path.stem, path) for path in make_images(tmp_path / "images", 3)]
     calls = []
-    original = stage2_data.generate_answers
+    original = stage2_data.describe_batch
 
     def spy(model, processor, images, prompts, settings):
         answers = original(model, processor, images, prompts, settings)
         calls.append((list(prompts), answers))
         return answers
 
-    monkeypatch.setattr(stage2_data, "generate_answers", spy)
+    monkeypatch.setattr(stage2_data, "describe_batch", spy)
     settings = DescribeSettings(batch_size=2, max_new_tokens=6, min_answer_tokens=1000, do_sample=False)
     with Journal(tmp_path / "describe.jsonl") as journal:
         assert describe_images(model, processor, images, journal, settings) == 3
@@ -605,23 +606,6 @@ def test_push_to_hub_uploads_the_dataset_and_summary(filtered_work_dir, tmp_path
 # The journal and resuming
 
 
-def test_journal_drops_a_last_line_cut_short_and_keeps_the_rest(tmp_path):
-    path = tmp_path / "describe.jsonl"
-    path.write_text('{"image_id": "a", "status": "ok"}\n{"image_id": "b", "sta')
-    journal = Journal(path)
-    assert list(journal.records) == ["a"]
-    journal.append({"image_id": "b", "status": "ok"})
-    journal.close()
-    assert [json.loads(line)["image_id"] for line in path.read_text().splitlines()] == ["a", "b"]
-
-
-def test_journal_names_a_broken_line_in_the_middle(tmp_path):
-    path = tmp_path / "refine.jsonl"
-    path.write_text('{"image_id": "a"}\nnot json\n{"image_id": "c"}\n')
-    with pytest.raises(ValueError, match="line 2"):
-        Journal(path)
-
-
 def test_a_second_run_on_the_same_work_dir_is_refused_while_one_runs(tmp_path):
     with stage2_data.WorkDirLock(tmp_path):
         config = stage2_data.BuildConfig(work_dir=str(tmp_path), steps=("filter",))
@@ -651,7 +635,7 @@ def test_kill_during_describe_then_rerun_finishes_without_redoing_items(tiny_sav
     make_images(tmp_path / "images", 24)
     command = [sys.executable, str(BUILD_SCRIPT), "--steps", "describe", "--images", str(tmp_path / "images"),
                "--model", str(tiny_saved_dir), "--work-dir", str(tmp_path / "work"), "--batch-size", "1",
-               "--max-new-tokens", "24", "--min-answer-tokens", "0", "--greedy"]
+               "--max-new-tokens", "24", "--min-answer-tokens", "0", "--no-sample"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = tmp_path / "work" / "describe.jsonl"
     kill_when(process, journal, lines=3)
@@ -718,11 +702,11 @@ def test_one_command_runs_every_step_and_a_rerun_redoes_nothing(tiny_saved_dir, 
         assert len(journal_lines(tmp_path / "work" / f"{name}.jsonl")) == 4
 
 
-def test_command_names_missing_flags(tmp_path, capsys):
-    assert build_stage2_data.main(["--work-dir", str(tmp_path), "--steps", "refine"]) == 2
-    assert "--refiner-url URL (with --refiner-model) or --refiner-local PATH" in capsys.readouterr().err
-    assert build_stage2_data.main(["--work-dir", str(tmp_path), "--steps", "export"]) == 2
-    assert "--output-dir" in capsys.readouterr().err
+def test_command_names_missing_flags(tmp_path):
+    with pytest.raises(UserError, match=r"--refiner-url URL \(with --refiner-model\) or --refiner-local PATH"):
+        build_stage2_data.main(["--work-dir", str(tmp_path), "--steps", "refine"])
+    with pytest.raises(UserError, match="--output-dir"):
+        build_stage2_data.main(["--work-dir", str(tmp_path), "--steps", "export"])
     with pytest.raises(SystemExit):
         build_stage2_data.main(["--work-dir", str(tmp_path), "--steps", "describe,typo"])
 
@@ -751,7 +735,7 @@ def exported_dir(tmp_path_factory):
 def test_the_export_trains_with_train_py_stage_2(exported_dir, tiny_saved_dir, tmp_path, part):
     import minigpt4_hf.cli.train as train
     result = train.main([
-        "--stage", "2", "--model_name_or_path", str(tiny_saved_dir), "--data_path", str(exported_dir / part),
+        "--stage", "2", "--model", str(tiny_saved_dir), "--data-path", str(exported_dir / part),
         "--output_dir", str(tmp_path / "stage2"), "--max_steps", "2", "--per_device_train_batch_size", "2",
         "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--dataloader_num_workers", "0",
     ])

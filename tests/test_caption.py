@@ -1,4 +1,4 @@
-"""scripts/caption.py: batched captioning to JSON Lines, unreadable images, resuming after an interruption."""
+"""minigpt4-caption: batched captioning to JSON Lines, unreadable images, resuming after an interruption."""
 
 import json
 import os
@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 import minigpt4_hf.cli.caption as caption
-from minigpt4_hf.inference import UserError, answer_batch
+from minigpt4_hf.cli.options import UserError
+from minigpt4_hf.inference import answer_batch
 from conftest import REPO_ROOT, write_image_bomb, write_truncated_png
 
 
@@ -162,15 +163,15 @@ def test_glob_matches_are_captioned_and_non_images_among_them_get_errors(tiny_sa
     assert "answer" in lines[0] and "error" in lines[1]
 
 
-def test_a_missing_images_folder_is_a_clear_error(tmp_path):
+def test_a_missing_images_folder_is_a_clear_error(tiny_saved_dir, tmp_path):
     with pytest.raises(UserError, match="no such folder or file"):
-        run_caption(tmp_path / "model", tmp_path / "nowhere", tmp_path / "out.jsonl")
+        run_caption(tiny_saved_dir, tmp_path / "nowhere", tmp_path / "out.jsonl")
 
 
-def test_a_folder_without_images_is_a_clear_error(tmp_path):
+def test_a_folder_without_images_is_a_clear_error(tiny_saved_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="No image files in the folder"):
-        run_caption(tmp_path / "model", tmp_path / "empty", tmp_path / "out.jsonl")
+        run_caption(tiny_saved_dir, tmp_path / "empty", tmp_path / "out.jsonl")
 
 
 def test_rerun_skips_finished_images_and_drops_a_torn_last_line(tiny_saved_dir, tmp_path):

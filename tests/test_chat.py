@@ -1,4 +1,4 @@
-"""scripts/chat.py and the shared inference logic (scripts/inference.py): the original Chat on generate()."""
+"""minigpt4-chat and the shared inference logic (minigpt4_hf.inference): the original Chat on generate()."""
 
 import io
 import os
@@ -11,7 +11,8 @@ from transformers import set_seed
 
 import minigpt4_hf.cli.chat as chat
 import minigpt4_hf.inference as inference
-from minigpt4_hf.inference import CHAT_GENERATION_DEFAULTS, Conversation, TextBeforeSeparator, UserError
+from minigpt4_hf.cli.options import UserError, generation_kwargs_from_args
+from minigpt4_hf.inference import CHAT_GENERATION_DEFAULTS, Conversation, TextBeforeSeparator
 from conftest import REPO_ROOT
 from minigpt4_hf.random_models import EXAMPLE_IMAGE
 from processing_minigpt4 import TURN_SEPARATOR
@@ -38,7 +39,7 @@ def user_texts(conversation: Conversation) -> list[str]:
 
 def test_prompt_mode_prints_only_the_answer_and_exits_0(tiny_saved_dir, tiny_shared):
     result = run_chat("--model", tiny_saved_dir, "--image", EXAMPLE_IMAGE, "--prompt", "What is in this image?",
-                      "--greedy", "--max-new-tokens", 6)
+                      "--no-sample", "--max-new-tokens", 6)
 
     conversation = Conversation(*tiny_shared, generation_kwargs=GREEDY)
     conversation.upload_image(EXAMPLE_IMAGE)
@@ -52,7 +53,7 @@ def test_prompt_mode_prints_only_the_answer_and_exits_0(tiny_saved_dir, tiny_sha
 def test_interactive_mode_answers_piped_questions_and_follows_image_and_reset(tiny_saved_dir, tiny_shared):
     lines = ["What is in this image?", "And the colours?", "/image missing.png", f"/image {OTHER_IMAGE}",
              "Describe it.", "/reset", "Once more?", "/quit", "never answered"]
-    result = run_chat("--model", tiny_saved_dir, "--image", EXAMPLE_IMAGE, "--greedy", "--max-new-tokens", 6,
+    result = run_chat("--model", tiny_saved_dir, "--image", EXAMPLE_IMAGE, "--no-sample", "--max-new-tokens", 6,
                       stdin="\n".join(lines) + "\n")
 
     # The same session through the Conversation API: /image = new_image, /reset = reset(keep_images=True).
@@ -76,37 +77,35 @@ def test_interactive_mode_answers_piped_questions_and_follows_image_and_reset(ti
     assert "Traceback" not in result.stderr
 
 
-def test_quantisation_flag_on_a_machine_without_cuda_exits_cleanly(tiny_saved_dir):
+@pytest.mark.parametrize("flag", ["--load-in-8bit", "--load-in-4bit"])
+def test_quantisation_flag_without_cuda_is_a_user_error(tiny_saved_dir, flag):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = run_chat("--model", tiny_saved_dir, "--image", EXAMPLE_IMAGE, "--prompt", "Hi", "--load-in-8bit")
-
-    assert result.returncode == 2
-    assert "--load-in-8bit needs an NVIDIA GPU with CUDA" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""
+    with pytest.raises(UserError, match=f"{flag} needs an NVIDIA GPU with CUDA"):
+        chat.main(["--model", str(tiny_saved_dir), "--image", str(EXAMPLE_IMAGE), "--prompt", "Hi", flag])
 
 
-def test_4bit_flag_without_cuda_is_a_user_error(tiny_saved_dir):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    with pytest.raises(UserError, match="--load-in-4bit needs an NVIDIA GPU with CUDA"):
-        chat.main(["--model", str(tiny_saved_dir), "--image", str(EXAMPLE_IMAGE), "--prompt", "Hi", "--load-in-4bit"])
+def test_a_hub_id_that_does_not_exist_is_reported_as_a_missing_folder():
+    with pytest.raises(UserError, match="--model someone/no-such-model: no such folder, and no model of that name"):
+        chat.main(["--model", "someone/no-such-model", "--image", str(EXAMPLE_IMAGE), "--prompt", "Hi"])
 
 
-def test_missing_image_file_is_a_user_error_before_loading(tmp_path):
-    with pytest.raises(UserError, match="Image file not found"):
-        chat.main(["--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "nope.png"), "--prompt", "Hi"])
+def test_an_image_file_that_does_not_decode_is_a_user_error_before_loading(tiny_saved_dir, tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(UserError, match="notes.png"):
+        chat.main(["--model", str(tiny_saved_dir), "--image", str(tmp_path / "notes.png"), "--prompt", "Hi"])
 
 
-def test_unreadable_model_folder_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="Could not load a MiniGPT-4 model"):
-        chat.main(["--model", str(tmp_path / "no-model"), "--image", str(EXAMPLE_IMAGE), "--prompt", "Hi"])
+def test_a_model_folder_without_a_saved_model_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="has no config.json"):
+        chat.main(["--model", str(tmp_path), "--image", str(EXAMPLE_IMAGE), "--prompt", "Hi"])
 
 
-def test_prompt_without_image_is_a_user_error():
-    with pytest.raises(UserError, match="add --image FILE"):
+def test_prompt_without_image_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         chat.main(["--model", "unused", "--prompt", "Hi"])
+    assert exit_info.value.code == 2
+    assert "add --image FILE" in capsys.readouterr().err
 
 
 def test_cuda_device_without_cuda_is_a_user_error():
@@ -121,22 +120,22 @@ def test_cuda_device_without_cuda_is_a_user_error():
 
 def test_generation_defaults_are_the_original_chats():
     args = chat.parse_args(["--model", "m"])
-    assert inference.generation_kwargs_from_args(args) == CHAT_GENERATION_DEFAULTS
+    assert generation_kwargs_from_args(args) == CHAT_GENERATION_DEFAULTS
 
 
-def test_greedy_flag_turns_sampling_off_and_drops_sampling_settings():
-    args = chat.parse_args(["--model", "m", "--greedy", "--num-beams", "3"])
-    assert inference.generation_kwargs_from_args(args) == {
+def test_no_sample_turns_sampling_off_and_drops_sampling_settings():
+    args = chat.parse_args(["--model", "m", "--no-sample", "--num-beams", "3"])
+    assert generation_kwargs_from_args(args) == {
         "max_new_tokens": 300, "num_beams": 3, "do_sample": False, "repetition_penalty": 1.0}
 
 
 def test_quantisation_config_keeps_vision_qformer_queries_and_projection_unquantised():
-    for flag in ("--load-in-8bit", "--load-in-4bit"):
-        config = inference.quantization_config_from_args(chat.parse_args(["--model", "m", flag]))
+    for flag in ("load_in_8bit", "load_in_4bit"):
+        config = inference.quantization_config_for(**{"load_in_8bit": False, "load_in_4bit": False, flag: True})
         assert {"vision_model", "qformer", "query_tokens", "language_projection"} <= set(config.llm_int8_skip_modules)
-        assert config.load_in_8bit == (flag == "--load-in-8bit")
-        assert config.load_in_4bit == (flag == "--load-in-4bit")
-    assert inference.quantization_config_from_args(chat.parse_args(["--model", "m"])) is None
+        assert config.load_in_8bit == (flag == "load_in_8bit")
+        assert config.load_in_4bit == (flag == "load_in_4bit")
+    assert inference.quantization_config_for(load_in_8bit=False, load_in_4bit=False) is None
 
 
 # -- the Conversation -----------------------------------------------------------------------------------------------
@@ -276,7 +275,7 @@ def test_long_conversations_drop_the_oldest_turns_with_a_notice(tiny_shared):
 
 def test_a_prompt_longer_than_the_context_is_one_error_line(tiny_saved_dir):
     with pytest.raises(UserError) as refusal:
-        chat.main(["--model", str(tiny_saved_dir), "--image", str(EXAMPLE_IMAGE), "--greedy",
+        chat.main(["--model", str(tiny_saved_dir), "--image", str(EXAMPLE_IMAGE), "--no-sample",
                    "--prompt", " ".join(["word"] * 3000)])
     message = str(refusal.value)
     assert "more than the 2000-token context" in message and "\n" not in message
@@ -295,7 +294,7 @@ def test_an_interactive_chat_outgrowing_the_context_drops_the_oldest_turns_and_s
     budget = len(full_prompt) + GREEDY["max_new_tokens"] - 1  # every turn but the last fits
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(questions) + "\n"))
 
-    status = chat.main(["--model", str(tiny_saved_dir), "--image", str(EXAMPLE_IMAGE), "--greedy",
+    status = chat.main(["--model", str(tiny_saved_dir), "--image", str(EXAMPLE_IMAGE), "--no-sample",
                         "--max-new-tokens", str(GREEDY["max_new_tokens"]), "--max-context-tokens", str(budget)])
 
     notices = capsys.readouterr().err

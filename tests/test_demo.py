@@ -17,7 +17,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from minigpt4_hf.cli import demo
-from minigpt4_hf.inference import Conversation, UserError
+from minigpt4_hf.cli.options import UserError
+from minigpt4_hf.inference import Conversation
 from minigpt4_hf.random_models import EXAMPLE_IMAGE, build_random_model
 from processing_minigpt4 import format_box, load_rgb_image
 from conftest import write_image_bomb

@@ -1,7 +1,7 @@
-"""MiniGPT4Processor: the original's pixels, token ids, prompts and labels, and clear errors on bad input."""
+"""MiniGPT4Processor: prompts, labels, padding, images and clear errors on bad input (its parity with the original's
+pixels, token ids, prompts and labels is in test_parity_original.py)."""
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -20,7 +20,6 @@ from processing_minigpt4 import (
 )
 
 
-EXPECTED = json.loads((ORIGINAL_TINY / "expected" / "expected.json").read_text())
 NUM_QUERY_TOKENS = 6
 STAGE2_PROMPT = "###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: "
 
@@ -37,70 +36,8 @@ def original_processor():
     )
 
 
-def fixture_image(name):
-    return Image.open(ORIGINAL_TINY / "inputs" / f"{name}.png")
-
-
-def greedy_chat_records():
-    records = EXPECTED["chat"]["greedy"]
-    return records if isinstance(records, list) else list(records.values())
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Parity with the original
-
-
-def test_pixel_values_equal_the_original_eval_transform(original_processor):
-    recorded = torch.load(ORIGINAL_TINY / "inputs" / "pixel_values.pt", weights_only=True)
-    images = [fixture_image(name) for name in ("astronaut", "coffee", "chelsea")]
-    pixel_values = original_processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    torch.testing.assert_close(pixel_values, recorded["pixel_values"], rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("probe", EXPECTED["tokenization_probes"], ids=lambda probe: repr(probe["text"]))
-def test_tokenizer_gives_the_original_slow_tokenizer_ids(probe):
-    # (Inside the processor "<ImageHere>" is a special token: the processor splits the text at it first.)
-    tokenizer = faithful_fixture_tokenizer()
-    assert tokenizer(probe["text"], add_special_tokens=False)["input_ids"] == probe["ids_no_special"]
-    assert tokenizer(probe["text"])["input_ids"] == probe["ids_with_special"]
-    assert tokenizer.decode(probe["ids_with_special"], skip_special_tokens=True) == probe["decode_skip_special"]
-
-
-@pytest.mark.parametrize("record", greedy_chat_records(), ids=lambda record: record["image"])
-def test_chat_template_renders_the_original_prompt(original_processor, record):
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
-    assert original_processor.apply_chat_template(messages, add_generation_prompt=True) == record["prompt"]
-
-
-@pytest.mark.parametrize("record", greedy_chat_records(), ids=lambda record: record["image"])
-def test_chat_input_ids_equal_the_original_segment_ids(original_processor, record):
-    inputs = original_processor(images=fixture_image(record["image"]), text=record["prompt"])
-    first, second = record["segment_token_ids"]
-    image_run = [original_processor.image_token_id] * NUM_QUERY_TOKENS
-    assert inputs["input_ids"][0] == first + image_run + second
-
-
-@pytest.mark.parametrize("case", ["stage2", "stage2_two_prompts"])
-def test_training_labels_equal_the_original_targets(original_processor, case):
-    recorded = torch.load(ORIGINAL_TINY / "expected" / f"train_{case}.pt", weights_only=True)
-    info = EXPECTED[f"{case}_loss"]
-    prompts = info["prompt_used"] if isinstance(info["prompt_used"], list) else [info["prompt_used"]] * 2
-    answers = [answer + info["end_sym"] for answer in info["answers"]]
-    images = [fixture_image(name) for name in info["images"]]
-    inputs = original_processor(images=images, text=prompts, suffix=answers, max_txt_len=info["max_txt_len"],
-                                return_tensors="pt")
-    assert torch.equal(inputs["labels"], recorded[f"{case}_targets"])
-    assert torch.equal(inputs["attention_mask"], recorded[f"{case}_attention_mask"])
-
-
-def test_stage1_labels_truncate_the_caption_after_the_end_symbol(original_processor):
-    recorded = torch.load(ORIGINAL_TINY / "expected" / "train_stage1.pt", weights_only=True)
-    info = EXPECTED["stage1_loss"]
-    images = [fixture_image(name) for name in info["images"]]
-    inputs = original_processor(images=images, text=["<ImageHere>"] * 2, suffix=[a + "\n" for a in info["answers"]],
-                                max_txt_len=32, return_tensors="pt")
-    assert torch.equal(inputs["labels"], recorded["stage1_targets"])
-    assert torch.equal(inputs["attention_mask"], recorded["stage1_attention_mask"])
+# The original's stop sequences (pixels, token ids, prompts and labels against the original: test_parity_original.py)
 
 
 def test_stop_sequences_include_the_original_spellings_of_the_turn_separator(original_processor):

@@ -2,10 +2,12 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
 
+import pytest
 from transformers import AutoConfig, AutoModel, AutoProcessor, pipeline
 
 from conftest import REPO_ROOT
@@ -15,7 +17,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     """
     import json, sys
     # This package must not be importable: block its three top-level modules.
-    for name in ("configuration_minigpt4", "modeling_minigpt4", "processing_minigpt4", "minigpt4_common"):
+    for name in ("configuration_minigpt4", "modeling_minigpt4", "processing_minigpt4", "minigpt4_hf"):
         sys.modules[name] = None
     import torch
     from PIL import Image
@@ -92,15 +94,34 @@ def test_image_text_to_text_pipeline_answers_chat_messages_with_an_image(tiny_sh
     assert isinstance(AutoProcessor.from_pretrained(tiny_saved_dir, trust_remote_code=True).image_token_id, int)
 
 
-def test_quickstart_main_job_answers_about_the_bundled_image(tmp_path):
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    """`python scripts/quickstart.py` into a fresh folder, as README line 1 runs it."""
+    tmp_path = tmp_path_factory.mktemp("quickstart")
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"))
     result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "quickstart.py"), "--output-dir",
                              str(tmp_path / "tiny"), "--max-new-tokens", "5"], capture_output=True, text=True,
                             env=env, timeout=300, stdin=subprocess.DEVNULL)
+    return result, tmp_path
+
+
+def test_quickstart_main_job_answers_about_the_bundled_image(quickstart_run):
+    result, tmp_path = quickstart_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TINY RANDOMLY INITIALISED" in result.stdout
     assert "Answer (random weights):" in result.stdout
     assert (tmp_path / "tiny" / "model.safetensors").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("tiny.")], "no staging folder left behind"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tiny", "tiny."))], "no staging folder left"
     reloaded = AutoModel.from_pretrained(tmp_path / "tiny", trust_remote_code=True)
     assert type(reloaded).__name__ == "MiniGPT4ForConditionalGeneration"
+
+
+def test_quickstart_output_has_the_modes_of_any_new_folder_and_file(quickstart_run):
+    result, tmp_path = quickstart_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = tmp_path / "tiny"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask  # 0755 under the usual umask, not 0700
+    for path in folder.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path  # 0644, not 0600

@@ -1,4 +1,4 @@
-"""scripts/train.py and scripts/training_data.py: the two-stage recipe on the HF Trainer, with a tiny model and tiny
+"""minigpt4-train and minigpt4_hf.training: the two-stage recipe on the HF Trainer, with a tiny model and tiny
 datasets written at test time (a cc_sbu_align folder and webdataset tar shards, each with one corrupt image)."""
 
 import io
@@ -19,6 +19,8 @@ import safetensors.torch
 import torch
 import minigpt4_hf.cli.train as train
 from conftest import ORIGINAL_TINY, REPO_ROOT
+from minigpt4_hf.inference import load_model_and_processor
+from minigpt4_hf.inputs import InputError, check_model_path
 from minigpt4_hf.random_models import build_random_model
 from PIL import Image
 from minigpt4_hf.training import (
@@ -48,7 +50,7 @@ CAPTIONS = [
 ]
 CORRUPT_ID = "3"
 MISSING_ID = "8"
-# OpenAI CLIP normalisation of the original blip processors (facts file, section 3.6).
+# OpenAI CLIP normalisation of the original blip processors (minigpt4/processors/blip_processors.py@22d8888).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -136,8 +138,8 @@ def common_flags(output_dir: Path, model_dir: Path, data: list, stage: int = 2, 
              "logging_steps": 1, "save_strategy": "no", "use_cpu": True, "report_to": "none", "disable_tqdm": True,
              "dataloader_num_workers": 0}
     flags.update(overrides)
-    argv = ["--stage", str(stage), "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
-            "--data_path", *[str(path) for path in data]]
+    argv = ["--stage", str(stage), "--model", str(model_dir), "--output-dir", str(output_dir),
+            "--data-path", *[str(path) for path in data]]
     for name, value in flags.items():
         argv += [f"--{name}", *([str(item) for item in value] if isinstance(value, list) else [str(value)])]
     return argv
@@ -175,11 +177,13 @@ class StopAfterStep(TrainerCallback):
 
 @pytest.fixture(scope="module")
 def stage2_run(tmp_path_factory, model_dir, cc_sbu_dir):
-    """One stage-2 run on the cc_sbu_align folder: 20 steps at a high learning rate, every step logged."""
+    """One stage-2 run on the cc_sbu_align folder: 20 steps at a high learning rate, every step logged, a checkpoint
+    at the end."""
     output_dir = tmp_path_factory.mktemp("stage2_run")
     rates = RecordLearningRates()
     argv = common_flags(output_dir, model_dir, [cc_sbu_dir], max_steps=20, per_device_train_batch_size=4,
-                        learning_rate=5e-2, min_lr=1e-2, warmup_lr=1e-4, warmup_steps=5)
+                        learning_rate=5e-2, min_lr=1e-2, warmup_lr=1e-4, warmup_steps=5, save_strategy="steps",
+                        save_steps=20)
     result = train.main(argv, extra_callbacks=[rates])
     return {"output_dir": output_dir, "result": result, "rates": rates.rates, "groups": rates.groups}
 
@@ -313,39 +317,45 @@ def test_unfreeze_qformer_trains_the_qformer_and_query_tokens(tiny):
 
 
 def test_stage_presets_set_the_original_recipe(model_dir, tmp_path):
-    _, data_args, args = train.parse_arguments(
-        ["--stage", "1", "--model_name_or_path", str(model_dir), "--data_path", "x", "--output_dir",
-         str(tmp_path)]
+    args, training_args = train.parse_arguments(
+        ["--stage", "1", "--model", str(model_dir), "--data-path", "x", "--output-dir", str(tmp_path)]
     )
-    assert (args.learning_rate, data_args.min_lr, data_args.warmup_lr) == (1e-4, 8e-5, 1e-6)
-    assert (args.warmup_steps, args.max_steps, args.per_device_train_batch_size) == (5000, 20000, 64)
-    assert (args.weight_decay, args.max_grad_norm) == (0.05, 0.0)
-    assert (data_args.max_txt_len, data_args.end_symbol, data_args.prompt_template) == (32, "\n", "")
-    assert data_args.clean_captions and data_args.lr_schedule == "linear_warmup_cosine"
-    assert args.remove_unused_columns is False
+    assert (training_args.learning_rate, args.min_lr, args.warmup_lr) == (1e-4, 8e-5, 1e-6)
+    assert (training_args.warmup_steps, training_args.max_steps) == (5000, 20000)
+    assert training_args.per_device_train_batch_size == 64
+    assert (training_args.weight_decay, training_args.max_grad_norm) == (0.05, 0.0)
+    assert (args.max_txt_len, args.end_symbol, args.prompt_template) == (32, "\n", "")
+    assert args.clean_captions and args.lr_schedule == "linear_warmup_cosine"
+    assert training_args.remove_unused_columns is False
 
-    _, data_args, args = train.parse_arguments(
-        ["--stage", "2", "--model_name_or_path", str(model_dir), "--data_path", "x", "--output_dir",
-         str(tmp_path)]
+    args, training_args = train.parse_arguments(
+        ["--stage", "2", "--model", str(model_dir), "--data-path", "x", "--output-dir", str(tmp_path)]
     )
-    assert (args.learning_rate, data_args.min_lr, args.warmup_steps) == (3e-5, 1e-5, 200)
-    assert (args.max_steps, args.per_device_train_batch_size) == (1000, 12)
-    assert (data_args.max_txt_len, data_args.end_symbol) == (160, "###")
-    assert data_args.prompt_template == "###Human: {} ###Assistant: " and not data_args.clean_captions
+    assert (training_args.learning_rate, args.min_lr, training_args.warmup_steps) == (3e-5, 1e-5, 200)
+    assert (training_args.max_steps, training_args.per_device_train_batch_size) == (1000, 12)
+    assert (args.max_txt_len, args.end_symbol) == (160, "###")
+    assert args.prompt_template == "###Human: {} ###Assistant: " and not args.clean_captions
 
 
-def test_command_line_flags_override_the_preset(model_dir, tmp_path):
-    _, data_args, args = train.parse_arguments(
-        ["--stage", "1", "--model_name_or_path", str(model_dir), "--data_path", "a", "b", "--output_dir",
-         str(tmp_path), "--learning_rate", "2e-4", "--max_steps", "7", "--end_symbol", "\\n###",
-         "--clean_captions", "False", "--remove_unused_columns", "True", "--lr_scheduler_type", "constant"]
+def test_command_line_flags_override_the_preset_in_either_spelling(model_dir, tmp_path):
+    args, training_args = train.parse_arguments(
+        ["--stage", "1", "--model_name_or_path", str(model_dir), "--data_path", "a", "b", "--output-dir",
+         str(tmp_path), "--learning_rate", "2e-4", "--max-steps", "7", "--end_symbol", "\\n###",
+         "--clean-captions", "False", "--remove_unused_columns", "True", "--lr-scheduler-type", "constant"]
     )
-    assert (args.learning_rate, args.max_steps) == (2e-4, 7)
-    assert args.per_device_train_batch_size == 64  # not given: still the preset's
-    assert data_args.end_symbol == "\n###" and not data_args.clean_captions
-    assert data_args.data_path == ["a", "b"]
-    assert args.remove_unused_columns is False  # the collator needs the raw fields
-    assert data_args.lr_schedule == "trainer"
+    assert (training_args.learning_rate, training_args.max_steps) == (2e-4, 7)
+    assert training_args.per_device_train_batch_size == 64  # not given: still the preset's
+    assert args.end_symbol == "\n###" and not args.clean_captions
+    assert args.data_path == ["a", "b"]
+    assert training_args.remove_unused_columns is False  # the collator needs the raw fields
+    assert args.lr_schedule == "trainer"
+
+
+def test_help_shows_each_stage_presets_values():
+    text = " ".join(train.build_parser().format_help().split())
+    assert "vicuna0 stage 1: 0.0001; vicuna0 stage 2: 3e-05" in text  # --learning-rate, not the Trainer's 5e-05
+    assert "vicuna0 stage 1: 32; vicuna0 stage 2: 160" in text  # --max-txt-len
+    assert "v2 stage 3: 1e-05" in text and "v2 stage 3: 1024" in text
 
 
 def test_deepspeed_zero2_config_leaves_optimizer_and_schedule_to_the_trainer():
@@ -557,6 +567,23 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(model_dir, cc
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
 
 
+def test_a_projection_checkpoint_on_its_base_model_gives_the_full_model(stage2_run, model_dir, tmp_path):
+    """The way docs/command-line.md ('Trainer checkpoints') gives from a checkpoint to a full model."""
+    checkpoint = stage2_run["output_dir"] / "checkpoint-20"
+    with pytest.raises(InputError, match="is a Trainer checkpoint"):
+        check_model_path(checkpoint)
+
+    model, processor = load_model_and_processor(str(model_dir), device="cpu")
+    init_projection(model, checkpoint / "model.safetensors")
+    model.save_pretrained(tmp_path / "full")
+    processor.save_pretrained(tmp_path / "full")
+
+    reloaded, _ = load_model_and_processor(str(tmp_path / "full"), device="cpu")
+    final = load_projection(stage2_run["output_dir"])  # the run ended at its checkpoint: the same projection
+    assert torch.equal(reloaded.language_projection.weight, final["language_projection.weight"])
+    assert torch.equal(reloaded.language_projection.bias, final["language_projection.bias"])
+
+
 def test_resumed_streaming_run_ends_with_the_weights_of_an_uninterrupted_run(model_dir, shards_dir, cc_sbu_dir,
                                                                             tmp_path):
     data = [shards_dir, cc_sbu_dir]
@@ -570,7 +597,7 @@ def test_resumed_streaming_run_ends_with_the_weights_of_an_uninterrupted_run(mod
 
 
 def test_trainer_precision_and_checkpointing_switches_work(model_dir, cc_sbu_dir, tmp_path):
-    result = train.main(common_flags(tmp_path, model_dir, [cc_sbu_dir], max_steps=2, model_dtype="bfloat16",
+    result = train.main(common_flags(tmp_path, model_dir, [cc_sbu_dir], max_steps=2, dtype="bfloat16",
                                      bf16=True, activation_checkpointing=True, gradient_accumulation_steps=2))
     losses = [entry["loss"] for entry in result["log_history"] if "loss" in entry]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)

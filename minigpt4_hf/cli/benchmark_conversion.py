@@ -14,34 +14,34 @@ converted folder is deleted afterwards (--keep-output keeps it). --delete-inputs
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from huggingface_hub.serialization._base import parse_size_to_int
+from minigpt4_hf.cli.options import CommandLineParser, UserError, console_entry_point
 
-from minigpt4_hf.benchmark_conversion import SIZES, run
-from minigpt4_hf.files import write_text_atomically
 
 PROG = "minigpt4-benchmark-conversion"
+# The input sets of `minigpt4_hf.benchmark_conversion.SIZES` (the released 7B set, and a tiny one for a quick check).
+SIZE_CHOICES = ("7b", "tiny")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inputs-dir", "--inputs_dir", type=Path, required=True,
+    parser = CommandLineParser(PROG, description=__doc__)
+    parser.add_argument("--inputs-dir", type=Path, required=True,
                         help="where the random inputs are made (once) and reused; about 16 GB for --size 7b")
-    parser.add_argument("--size", choices=sorted(SIZES), default="7b", help="input shapes (default: 7b)")
-    parser.add_argument("--max-shard-size", "--max_shard_size", default="1GB",
-                        help="the converter's --max-shard-size (default: 1GB, so the bound is 4 GB)")
-    parser.add_argument("--keep-output", "--keep_output", action="store_true",
-                        help="keep the converted folder (default: deleted after measuring)")
-    parser.add_argument("--delete-inputs", "--delete_inputs", action="store_true",
-                        help="delete --inputs-dir after measuring")
-    parser.add_argument("--json", type=Path, help="also write the numbers here (JSON)")
+    parser.add_argument("--size", choices=SIZE_CHOICES, default="7b", help="input shapes (default: %(default)s)")
+    parser.add_argument("--max-shard-size", default="1GB",
+                        help="the converter's --max-shard-size; the bound is 2 x it + 2 GB (default: %(default)s)")
+    parser.add_argument("--keep-output", action="store_true",
+                        help="keep the converted folder (default: off: deleted after measuring)")
+    parser.add_argument("--delete-inputs", action="store_true",
+                        help="delete --inputs-dir after measuring (default: off)")
+    parser.add_argument("--json", type=Path, help="also write the numbers here as JSON (default: none)")
     args = parser.parse_args(argv)
+    from huggingface_hub import split_torch_state_dict_into_shards  # parses sizes; imports no torch
+
     try:
-        parse_size_to_int(args.max_shard_size)
+        split_torch_state_dict_into_shards({}, max_shard_size=args.max_shard_size)
     except ValueError as error:
         parser.error(f"--max-shard-size {args.max_shard_size!r}: {error}")
     return args
@@ -49,21 +49,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from minigpt4_hf.benchmark_conversion import run
+    from minigpt4_hf.files import write_text_atomically
+
     try:
         measurement = run(args.inputs_dir.absolute(), args.size, args.max_shard_size,
                           keep_output=args.keep_output, delete_inputs=args.delete_inputs)
     except (FileExistsError, RuntimeError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+        raise UserError(str(error)) from None
     print(measurement.table())
     if args.json:
         write_text_atomically(args.json, json.dumps({**asdict(measurement), "ratio": measurement.ratio}, indent=2))
     return 0
 
 
-def cli() -> None:
-    """Console entry point `minigpt4-benchmark-conversion`."""
-    sys.exit(main())
+cli = console_entry_point(main, PROG)
 
 
 if __name__ == "__main__":

@@ -2,72 +2,62 @@
 """
 Caption (or ask one question about) many images with MiniGPT-4, in left-padded batches.
 
-    python scripts/caption.py --model PATH_OR_ID --images photos/ --output captions.jsonl
-    python scripts/caption.py --model PATH_OR_ID --images 'photos/**/*.jpg' --output captions.jsonl \
+    minigpt4-caption --model PATH_OR_ID --images photos/ --output captions.jsonl
+    minigpt4-caption --model PATH_OR_ID --images 'photos/**/*.jpg' --output captions.jsonl \\
         --prompt "What is unusual about this image?" --batch-size 16
-    python scripts/caption.py --model PATH_OR_ID --images photos/ --output answers.jsonl --prompt-file question.txt
+    minigpt4-caption --model PATH_OR_ID --images photos/ --output answers.jsonl --prompt-file question.txt
+    minigpt4-caption --model MINIGPT_V2 --images photos/ --output boxes.jsonl --task grounding \\
+        --prompt "describe this image in detail"
 
 Writes one JSON line per image: {"image", "prompt", "answer", "generation"}, or "error" instead of "answer" when the
-image cannot be read. Each batch is appended whole and synced to disk, so Ctrl-C (or a crash) loses nothing already
-written, and running the same command again skips the images that the output already has.
+image cannot be read. With `--task` the line also holds "task"; a MiniGPT-v2 model's lines hold "boxes", the phrases
+and pixel boxes of the answer (`[{"phrase": str or null, "box": [x1, y1, x2, y2]}]`), and "box_problems" when some box
+text cannot be read. A prompt that cannot fit the model's context with one image and --max-new-tokens is refused
+before any image. The output is a journal: each batch is appended whole and synced to disk, so Ctrl-C (or a
+crash) loses nothing already written, and running the same command again skips the images that the output already
+has (a last line cut short by a kill is removed first).
 
-A prompt that cannot fit the model's context with one image and --max-new-tokens is refused before any image.
 Generation is greedy by default (reproducible, independent of the batch size and order); --sample samples with the
 original chat's settings (top-p 0.9, temperature 1.0).
 """
 
 import argparse
-import contextlib
 import glob
-import json
 import os
-import signal
 import sys
 
-import torch
-from tqdm.auto import tqdm
-
-from minigpt4_hf.inference import (
-    UserError,
-    add_generation_arguments,
-    add_model_arguments,
-    answer_batch,
-    check_question_fits,
-    generation_kwargs_from_args,
-    load_model_and_processor,
-    run_main,
-    seed_if_asked,
-)
-from processing_minigpt4 import load_rgb_image
+from minigpt4_hf.cli.options import CommandLineParser, UserError, add_inference_arguments, load_model_from_args
+from minigpt4_hf.cli.options import add_task_argument, check_task_fits_model, console_entry_point, positive_int
+from minigpt4_hf.inputs import check_model_path
+from minigpt4_hf.journal import Journal
 
 
+PROG = "minigpt4-caption"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # The first of the original stage-2 instructions.
 DEFAULT_PROMPT = "Describe this image in detail."
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="caption.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_model_arguments(parser)
+    parser = CommandLineParser(PROG, description=__doc__)
+    add_inference_arguments(parser, sample=False)
     parser.add_argument(
         "--images", required=True, help="A folder (its image files), one image file, or a quoted glob ('a/**/*.png')."
     )
     parser.add_argument("--output", required=True, help="The JSON Lines file to append to (created if missing).")
     prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"The question for every image ({DEFAULT_PROMPT!r}).")
-    prompt.add_argument(
-        "--prompt-file", help="Read the question for every image from this UTF-8 file (long or multi-line prompts)."
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="Images per generate() call (default 8).")
+    prompt.add_argument("--prompt", default=DEFAULT_PROMPT, help="The question for every image (default: %(default)r).")
+    prompt.add_argument("--prompt-file",
+                        help="Read the question for every image from this UTF-8 file, for long or multi-line prompts "
+                        "(default: none).")
+    add_task_argument(parser)
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="Images per generate() call (default: %(default)s).")
     parser.add_argument(
-        "--retry-errors", action="store_true", help="Try again the images whose only line in --output is an error."
+        "--retry-errors", action="store_true",
+        help="Try again the images whose last line in --output is an error (default: off).",
     )
-    add_generation_arguments(parser, sample_by_default=False)
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8") as file:
@@ -100,74 +90,36 @@ def list_images(spec: str) -> list[str]:
     return paths
 
 
-def image_key(path: str) -> str:
-    """What identifies an image across runs (the same file however the path was written)."""
-    return os.path.realpath(path)
+def image_key(record: dict) -> str:
+    """What identifies a line's image across runs (the same file however the path was written)."""
+    return os.path.realpath(record["image"])
 
 
-def read_finished(output: str, retry_errors: bool = False) -> set[str]:
-    """
-    The images that `output` already has a line for (keys from `image_key`); with `retry_errors`, error-only images
-    are left out. An incomplete last line (a run killed while writing) is cut off; any other broken line is an error.
-    """
-    if not os.path.exists(output):
-        return set()
-    with open(output, "rb") as file:
-        data = file.read()
-    complete_end = data.rfind(b"\n") + 1
-    if complete_end < len(data):
-        with open(output, "r+b") as file:
-            file.truncate(complete_end)
-            file.flush()
-            os.fsync(file.fileno())
-        print(f"Removed an incomplete last line from {output} (left by an interrupted run).", file=sys.stderr)
-    answered, errored = set(), set()
-    for number, line in enumerate(data[:complete_end].decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            key = image_key(record["image"])
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise UserError(
-                f"{output} line {number} is not a caption line ({type(error).__name__}: {error}). Use another "
-                "--output, or fix or delete that line."
-            ) from None
-        (errored if "error" in record and "answer" not in record else answered).add(key)
-    return answered if retry_errors else answered | errored
-
-
-@contextlib.contextmanager
-def sigint_deferred():
-    """Holds Ctrl-C back until the block is done (so that a batch's lines are written whole), then raises it."""
-    received = []
+def open_output(path: str) -> Journal:
+    """The output as a journal of caption lines (a torn last line is removed; any other broken line is refused)."""
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    except ValueError:  # not the main thread: signals cannot be caught here anyway
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            raise KeyboardInterrupt
+        return Journal(path, key=image_key, what="caption line")
+    except ValueError as error:
+        raise UserError(f"--output {error}") from None
 
 
-def append_records(file, records: list[dict]) -> None:
-    """Appends one JSON line per record in a single write, then flushes and syncs it to disk."""
-    data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    with sigint_deferred():
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
+def finished_images(journal: Journal, retry_errors: bool = False) -> set[str]:
+    """The images the output has a line for; with `retry_errors`, those whose last line is an error are left out."""
+    return {key for key, record in journal.records.items() if not (retry_errors and "answer" not in record)}
 
 
-def caption_batch(model, processor, paths: list[str], prompt: str, generation_kwargs: dict, generation: dict):
-    """One record per path, in order: the answer, or the reason the image could not be read."""
+def caption_batch(model, processor, paths: list[str], prompt: str, generate_kwargs: dict, generation: dict,
+                  task: str | None = None):
+    """
+    One record per path, in order: the answer (and, from MiniGPT-v2, its boxes in pixels), or the reason the image
+    could not be read.
+    """
+    from minigpt4_hf.inference import answer_batch, answers_have_boxes, grounded_boxes
+    from processing_minigpt4 import load_rgb_image
+
     records, images, readable = [], [], []
     for path in paths:
-        record = {"image": path, "prompt": prompt}
+        record = {"image": path, "prompt": prompt, **({"task": task} if task else {})}
         try:
             images.append(load_rgb_image(path))
             readable.append(record)
@@ -175,8 +127,13 @@ def caption_batch(model, processor, paths: list[str], prompt: str, generation_kw
             record["error"] = str(error)
         records.append(record)
     if images:
-        for record, answer in zip(readable, answer_batch(model, processor, images, prompt, generation_kwargs)):
+        answers = answer_batch(model, processor, images, prompt, generate_kwargs, task=task)
+        for record, image, answer in zip(readable, images, answers):
             record["answer"] = answer
+            if answers_have_boxes(model):
+                record["boxes"], problems = grounded_boxes(processor, answer, image.size)
+                if problems:
+                    record["box_problems"] = problems
     for record in records:
         record["generation"] = generation
     return records
@@ -184,9 +141,12 @@ def caption_batch(model, processor, paths: list[str], prompt: str, generation_kw
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_model_path(args.model)
+    check_task_fits_model(args)
     paths = list_images(args.images)
-    finished = read_finished(args.output, retry_errors=args.retry_errors)
-    pending = [path for path in paths if image_key(path) not in finished]
+    journal = open_output(args.output)
+    finished = finished_images(journal, retry_errors=args.retry_errors)
+    pending = [path for path in paths if image_key({"image": path}) not in finished]
     print(
         f"{len(paths)} image(s); {len(paths) - len(pending)} already in {args.output}; {len(pending)} to do.",
         file=sys.stderr,
@@ -194,31 +154,34 @@ def main(argv: list[str] | None = None) -> int:
     if not pending:
         return 0
 
-    model, processor = load_model_and_processor(args)
+    import torch
+    from tqdm.auto import tqdm
+
+    model, processor, generate_kwargs = load_model_from_args(args)
+    from minigpt4_hf.inference import check_question_fits
+
     try:
-        check_question_fits(model, processor, args.prompt, args.max_new_tokens)
+        check_question_fits(model, processor, args.prompt, args.max_new_tokens, task=args.task)
     except ValueError as error:
         raise UserError(f"{'--prompt-file ' + args.prompt_file if args.prompt_file else '--prompt'}: {error}") from None
-    seed_if_asked(args)
-    generation_kwargs = generation_kwargs_from_args(args)
-    generation = {**generation_kwargs, "seed": args.seed}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    generation = {**generate_kwargs, "seed": args.seed}
 
     written = unreadable = 0
     try:
-        with open(args.output, "a", encoding="utf-8") as file, tqdm(
+        with journal, tqdm(
             total=len(paths), initial=len(paths) - len(pending), unit="image", desc="captioning"
         ) as progress:
             for start in range(0, len(pending), args.batch_size):
                 batch = pending[start : start + args.batch_size]
                 try:
-                    records = caption_batch(model, processor, batch, args.prompt, generation_kwargs, generation)
+                    records = caption_batch(model, processor, batch, args.prompt, generate_kwargs, generation,
+                                            task=args.task)
                 except torch.OutOfMemoryError:
                     raise UserError(
                         f"Out of GPU memory with --batch-size {args.batch_size}: lower it and run the same command "
                         f"again ({written} finished image(s) are kept in {args.output})."
                     ) from None
-                append_records(file, records)
+                journal.extend(records)
                 written += len(records)
                 unreadable += sum("error" in record for record in records)
                 progress.update(len(records))
@@ -233,10 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-
-def cli() -> None:
-    """Console entry point `minigpt4-caption`."""
-    run_main(main, "caption.py")
+cli = console_entry_point(main, PROG)
 
 
 if __name__ == "__main__":

@@ -4,33 +4,33 @@ The MiniGPT-4 web demo (Gradio), as the original `demo.py`: upload an image, cha
 beam-search and temperature sliders, restart. For a MiniGPT-v2 model, as the original `demo_v2.py`: task shortcuts
 ([grounding], [refer], ...) and the boxes of each answer drawn on the image.
 
-    pip install '.[demo]'
-    python scripts/demo.py --model PATH_OR_ID                       # http://127.0.0.1:7860
-    python scripts/demo.py --model PATH_OR_ID --host 0.0.0.0 --port 8080 --max-queue-size 32
+    pip install '.[demo]'                                  # in the checkout: gradio
+    minigpt4-demo --model PATH_OR_ID                       # http://127.0.0.1:7860
+    minigpt4-demo --model PATH_OR_ID --host 0.0.0.0 --port 8080 --max-queue-size 32
 
 Every browser session has its own conversation. One answer is generated at a time; the others wait in Gradio's queue
 (each sees its place in it), and beyond --max-queue-size waiting requests a new one is told the demo is busy.
 See docs/demo.md.
 """
 
+from __future__ import annotations
+
 import argparse
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
-from minigpt4_hf.inference import (
-    CHAT_GENERATION_DEFAULTS,
-    ORIGINAL_CONTEXT_BUDGET,
-    Conversation,
-    UserError,
-    add_generation_arguments,
-    add_model_arguments,
-    generation_kwargs_from_args,
-    load_model_and_processor,
-    run_main,
-    seed_if_asked,
-)
-from processing_minigpt4 import load_rgb_image
+from minigpt4_hf.cli.options import CommandLineParser, UserError, add_inference_arguments, check_extra_installed
+from minigpt4_hf.cli.options import console_entry_point, load_model_from_args, positive_int
+from minigpt4_hf.generation import CHAT_GENERATION_DEFAULTS, ORIGINAL_CONTEXT_BUDGET
+from minigpt4_hf.inputs import check_model_path
+
+
+PROG = "minigpt4-demo"
+
+if TYPE_CHECKING:
+    from minigpt4_hf.inference import Conversation
 
 
 logger = logging.getLogger(__name__)
@@ -64,35 +64,31 @@ BOXES_IMAGE_WIDTH = 500
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_model_arguments(parser)
+    parser = CommandLineParser(PROG, description=__doc__)
+    add_inference_arguments(parser, sample=True)
     server = parser.add_argument_group("server")
     server.add_argument(
         "--host", default="127.0.0.1", help="Address to serve on (default 127.0.0.1; 0.0.0.0: every interface)."
     )
-    server.add_argument("--port", type=int, default=7860, help="Port to serve on (default 7860).")
+    server.add_argument("--port", type=int, default=7860, help="Port to serve on (default: %(default)s).")
     server.add_argument(
         "--max-queue-size",
-        type=int,
+        type=positive_int,
         default=DEFAULT_MAX_QUEUE_SIZE,
         help="Most requests that may wait in the queue at once (answers wait there for the model); beyond it a new "
-        f"one is told the demo is busy (default {DEFAULT_MAX_QUEUE_SIZE}).",
+        "one is told the demo is busy (default: %(default)s).",
     )
-    server.add_argument("--share", action="store_true", help="Also open a public gradio.live link (as the original).")
+    server.add_argument("--share", action="store_true", help="Also open a public gradio.live link, as the original did (default: off).")
     parser.add_argument(
         "--max-context-tokens",
-        type=int,
+        type=positive_int,
         default=ORIGINAL_CONTEXT_BUDGET,
-        help="Token budget of prompt + answer; older turns are dropped beyond it (default: the original's 2000).",
+        help="Token budget of prompt + answer; older turns are dropped beyond it (default: %(default)s, the "
+        "original's).",
     )
-    add_generation_arguments(parser, sample_by_default=True)
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be between 1 and 65535, got {args.port}")
-    if args.max_queue_size < 1:
-        parser.error(f"--max-queue-size must be at least 1, got {args.max_queue_size}")
     return args
 
 
@@ -162,6 +158,9 @@ def build_demo(model, processor, generation_kwargs: dict | None = None, context_
     chat on screen is redrawn from it after every step. Serve it with `launch`, which sets up the queue.
     """
     import gradio as gr
+
+    from minigpt4_hf.inference import Conversation
+    from processing_minigpt4 import load_rgb_image
 
     generation_kwargs = dict(CHAT_GENERATION_DEFAULTS if generation_kwargs is None else generation_kwargs)
     grounding = model.config.variant == "v2"  # MiniGPT-v2: task shortcuts and boxes
@@ -332,21 +331,16 @@ def launch(demo, host: str = "127.0.0.1", port: int = 7860, max_queue_size: int 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_port_free(args.host, args.port)  # before gradio and the model load
+    check_model_path(args.model)
+    check_extra_installed("demo", "gradio")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise UserError("The demo needs gradio: pip install gradio (or pip install '.[demo]').") from None
-    model, processor = load_model_and_processor(args)
-    seed_if_asked(args)
-    demo = build_demo(model, processor, generation_kwargs_from_args(args), args.max_context_tokens)
+    model, processor, generate_kwargs = load_model_from_args(args)
+    demo = build_demo(model, processor, generate_kwargs, args.max_context_tokens)
     launch(demo, args.host, args.port, args.max_queue_size, share=args.share)
     return 0
 
 
-def cli() -> None:
-    """Console entry point `minigpt4-demo`."""
-    run_main(main, "demo.py")
+cli = console_entry_point(main, PROG)
 
 
 if __name__ == "__main__":

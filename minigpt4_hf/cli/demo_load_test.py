@@ -33,14 +33,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from minigpt4_hf.cli import demo
-from minigpt4_hf.inference import (
-    Conversation,
+from minigpt4_hf.cli.options import (
+    CommandLineParser,
     UserError,
     add_model_arguments,
+    console_entry_point,
     generation_kwargs_from_args,
-    load_model_and_processor,
-    run_main,
+    model_loading_kwargs,
+    positive_float,
+    positive_int,
 )
+
+
+PROG = "minigpt4-demo-load-test"
 
 
 HOST = "127.0.0.1"  # the load test only ever talks to this machine
@@ -50,28 +55,19 @@ BYTES_PER_MB = 1024 * 1024
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="demo_load_test.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandLineParser(PROG, description=__doc__)
     add_model_arguments(parser)
-    parser.add_argument("--sessions", type=int, default=8, help="Concurrent browser-like sessions (default 8).")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="Tokens per answer (default 16).")
+    parser.add_argument("--sessions", type=positive_int, default=8,
+                        help="Concurrent browser-like sessions (default: %(default)s).")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16,
+                        help="Tokens per answer (default: %(default)s).")
     parser.add_argument(
-        "--max-rss-growth-mb",
-        type=float,
-        default=DEFAULT_MAX_RSS_GROWTH_MB,
-        help=f"Fail when the server's memory grows more than this (default {DEFAULT_MAX_RSS_GROWTH_MB} MB).",
+        "--max-rss-growth-mb", type=positive_float, default=DEFAULT_MAX_RSS_GROWTH_MB,
+        help="Fail when the server's memory grows more than this many MB (default: %(default)s).",
     )
-    parser.add_argument(
-        "--timeout", type=float, default=600, help="Seconds one step (start, upload, answer) may take (default 600)."
-    )
-    args = parser.parse_args(argv)
-    for flag, value in (("--sessions", args.sessions), ("--max-new-tokens", args.max_new_tokens)):
-        if value < 1:
-            parser.error(f"{flag} must be at least 1, got {value}")
-    if args.timeout <= 0 or args.max_rss_growth_mb <= 0:
-        parser.error("--timeout and --max-rss-growth-mb must be greater than 0")
-    return args
+    parser.add_argument("--timeout", type=positive_float, default=600,
+                        help="Seconds one step (start, upload, answer) may take (default: %(default)s).")
+    return parser.parse_args(argv)
 
 
 def demo_flags(args: argparse.Namespace, port: int) -> list[str]:
@@ -85,7 +81,7 @@ def demo_flags(args: argparse.Namespace, port: int) -> list[str]:
     if args.device_map is not None:
         flags += ["--device-map", args.device_map]
     flags += ["--load-in-8bit"] * args.load_in_8bit + ["--load-in-4bit"] * args.load_in_4bit
-    return flags + ["--host", HOST, "--port", str(port), "--greedy", "--max-new-tokens", str(args.max_new_tokens),
+    return flags + ["--host", HOST, "--port", str(port), "--no-sample", "--max-new-tokens", str(args.max_new_tokens),
                     "--max-queue-size", str(max(args.sessions, demo.DEFAULT_MAX_QUEUE_SIZE))]
 
 
@@ -107,6 +103,8 @@ def expected_chats(model, processor, images: list[str], server: argparse.Namespa
     For each image, the chat the demo shows after each question when that chat runs alone, with the generation
     settings and context budget that the server's flags `server` give it.
     """
+    from minigpt4_hf.inference import Conversation
+
     chats = []
     for image in images:
         conversation = Conversation(model, processor, generation_kwargs_from_args(server), server.max_context_tokens)
@@ -277,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(log_path, "w", encoding="utf-8") as log:
             server = start_server(flags, log)
             try:
-                model, processor = load_model_and_processor(args)  # while the server starts
+                from minigpt4_hf.inference import load_model_and_processor
+
+                # loaded while the server starts
+                model, processor = load_model_and_processor(args.model, **model_loading_kwargs(args))
                 expected = expected_chats(model, processor, images[:-1], demo.parse_args(flags))
                 wait_until_serving(server, url, args.timeout, log_path)
                 warm_up = run_session(url, images[-1], None, args.timeout)
@@ -300,9 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     return exit_status(report, args.max_rss_growth_mb)
 
 
-def cli() -> None:
-    """Console entry point `minigpt4-demo-load-test`."""
-    run_main(main, "demo_load_test.py")
+cli = console_entry_point(main, PROG)
 
 
 if __name__ == "__main__":
