@@ -32,9 +32,9 @@ PROBE_SCRIPT = Path(__file__).resolve().parent / "remote_code_probe.py"
 # The floor and the latest patch of every supported minor release, oldest first (all measured:
 # docs/transformers-versions.md).
 SUPPORTED_RELEASES = (
-    "4.57.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.3.0", "5.4.0", "5.5.4", "5.6.2", "5.7.0", "5.8.1", "5.9.0", "5.10.4",
-    "5.11.0", "5.12.1", "5.13.1", "5.14.1", "5.15.1", "5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.1",
-    "5.22.2", "5.23.0", "5.24.0",
+    "4.57.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.3.0", "5.4.0", "5.5.4", "5.6.2", "5.7.0", "5.8.1", "5.9.0",
+    "5.10.4", "5.11.0", "5.12.1", "5.13.1", "5.14.1", "5.15.1", "5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.2",
+    "5.21.1", "5.22.2", "5.23.0", "5.24.0",
 )
 NEWEST_RELEASE = SUPPORTED_RELEASES[-1]
 # What CI checks: the release below the floor (refused in one line), the floor, 4.57's last patch, 5.0, a 5.x from
@@ -112,7 +112,8 @@ def build_venv(venv: Path, release: str, torch_requirement: str, log_path: Path)
         shutil.rmtree(venv)
     venv.parent.mkdir(parents=True, exist_ok=True)
     # --no-compile: bytecode is written on first import, for the modules used (far less than torch's whole tree).
-    pip_install = [str(venv_python(venv)), "-m", "pip", "install", "--quiet", "--no-compile", "--disable-pip-version-check"]
+    pip_install = [str(venv_python(venv)), "-m", "pip", "install", "--quiet", "--no-compile",
+                   "--disable-pip-version-check"]
     steps = {
         "python -m venv": [sys.executable, "-m", "venv", str(venv)],
         f"pip install {torch_requirement}": [*pip_install, torch_requirement],

@@ -12,7 +12,7 @@ import transformers
 
 from configuration_minigpt4 import MINIMUM_TRANSFORMERS_VERSION, VARIANTS
 from conftest import REPO_ROOT
-from minigpt4_hf.cli.check_transformers_versions import main, parse_args
+from minigpt4_hf.cli.check_transformers_versions import PROG, main, parse_args
 from minigpt4_hf.model_card import build_model_card
 from minigpt4_hf.transformers_versions import (
     DEFAULT_VERSIONS,
@@ -29,7 +29,6 @@ from minigpt4_hf.transformers_versions import (
 )
 
 
-PROG = "check_transformers_versions.py"
 
 
 def passing_report(release: str = NEWEST_RELEASE) -> dict:
@@ -269,3 +268,10 @@ def test_model_card_states_the_supported_transformers_range(tiny_shared):
     card = build_model_card(model.config, "someone/minigpt4-tiny", [], torch.float32, {}, [])
     assert f"runs on transformers >= {MINIMUM_TRANSFORMERS_VERSION} (tested on" in str(card)
     assert f"up to {NEWEST_RELEASE}" in str(card)
+
+
+def test_docs_page_states_the_range_and_has_a_measured_row_for_every_supported_release():
+    page = (REPO_ROOT / "docs" / "transformers-versions.md").read_text()
+    assert f"**transformers >= {MINIMUM_TRANSFORMERS_VERSION}, < 6**" in page
+    measured = {line.split("|")[1].strip() for line in page.splitlines() if re.match(r"\| \d+\.\d+\.\d+ \|", line)}
+    assert set(SUPPORTED_RELEASES) <= measured

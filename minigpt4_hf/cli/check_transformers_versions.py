@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from configuration_minigpt4 import VARIANTS
+from minigpt4_hf.cli.options import CommandLineParser, console_entry_point
 from minigpt4_hf.random_models import EXAMPLE_IMAGE
 from minigpt4_hf.transformers_versions import (
     DEFAULT_VERSIONS,
@@ -34,26 +35,20 @@ from minigpt4_hf.transformers_versions import (
 )
 
 
+PROG = "minigpt4-check-transformers"
+
+
 def default_venv_dir() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "minigpt4-hf" / "transformers-venvs"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="check_transformers_versions.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-
-    def flag(name: str, **kwargs):
-        """Each flag also answers to its underscore spelling (`--venv_dir`)."""
-        names = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
-        return parser.add_argument(*names, **kwargs)
-
+def build_parser() -> CommandLineParser:
+    parser = CommandLineParser(PROG, description=__doc__)
+    flag = parser.add_argument
     flag("--versions", nargs="+", default=list(DEFAULT_VERSIONS), metavar="VERSION",
-         help=f"transformers releases to check, or `all` (the floor and every supported minor: {SUPPORTED_RELEASES[0]} ... "
-              f"{NEWEST_RELEASE}) (default: {' '.join(DEFAULT_VERSIONS)})")
+         help=f"transformers releases to check, or `all` (the floor and every supported minor: "
+              f"{SUPPORTED_RELEASES[0]} ... {NEWEST_RELEASE}) (default: {' '.join(DEFAULT_VERSIONS)})")
     flag("--reference", default=NEWEST_RELEASE,
          help=f"release whose ids and loss the others must match; always checked (default: {NEWEST_RELEASE})")
     flag("--model", type=Path,
@@ -97,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None:
         models = {args.model.resolve().name: args.model.resolve()}
     else:
-        models = {variant: build_tiny_model_folder(output_dir / f"tiny-{variant}", variant) for variant in args.variants}
+        models = {
+            variant: build_tiny_model_folder(output_dir / f"tiny-{variant}", variant) for variant in args.variants
+        }
         print(f"Saved the tiny random models to {output_dir}/tiny-{{{','.join(models)}}}", file=sys.stderr)
     rows = check_releases(args.versions, args.reference, args.venv_dir.resolve(), output_dir, models, EXAMPLE_IMAGE,
                           args.torch_requirement)
@@ -106,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(row.passed for row in rows) else 1
 
 
-def cli() -> None:
-    """Console entry point `minigpt4-check-transformers`."""
-    sys.exit(main())
+cli = console_entry_point(main, PROG)
 
 
 if __name__ == "__main__":
