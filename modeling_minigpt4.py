@@ -177,6 +177,11 @@ class MiniGPT4PreTrainedModel(PreTrainedModel):
         r"^language_projection\.": "model.language_projection.",
     }
 
+    def __init__(self, config: MiniGPT4Config):
+        super().__init__(config)
+        if not config.use_qformer:  # no Q-Former and no query tokens to keep in float32
+            self._keep_in_fp32_modules = []
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range

@@ -49,7 +49,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         # The remote code of a converted Hub repo (the three root modules) supports transformers>=4.57,<6: every
-        # release from 4.57.0 to 5.24.0 (docs/transformers-versions.md; `minigpt4-check-transformers` checks one).
+        # release from 4.57.0 to 5.24.0 is measured (docs/transformers-versions.md; `minigpt4-check-transformers`).
         # This package's own tools (conversion, training, chat, demo, benchmark) are built on 5.24's API.
         "transformers>=5.24,<6",
         "tokenizers>=0.22",

@@ -13,8 +13,8 @@ Stages, in order (a failing stage ends the run; the JSON names it and the error'
     import   transformers itself
     load     AutoConfig, AutoProcessor, AutoModelForImageTextToText and AutoModel with `trust_remote_code=True`
     generate apply_chat_template + the processor call, then greedy `generate` for one prompt, for a left-padded
-             batch of two (also decoded), without the cache, and with a stop sequence that ends the first row of the
-             batch early (per-row stop)
+             batch of two (also decoded), without the cache, and with a stop sequence that the two rows of the
+             batch reach at different steps (per-row stop)
     train    a forward with `labels` (processor `suffix`) in train mode, and its backward
 """
 
@@ -96,24 +96,31 @@ def run_probe(folder: str, image_path: str) -> dict:
             generated = model.generate(**single, min_new_tokens=MAX_NEW_TOKENS, use_cache=False, **greedy)
             results["uncached"] = generated[0, single["input_ids"].shape[1] :].tolist()
 
-            # Per-row stop: a token that the first row generates mid-answer (for the first time) and the second row
-            # never does becomes the stop sequence; the first row must end there (then padding), the second run on.
-            row, other = results["batched"]
+            # Per-row stop: a token that the two rows of the batch generate first at different steps (or only one of
+            # them does) becomes the stop sequence; each row must end at its own first one (then padding) while the
+            # other runs on.
+            def first_step(ids: list, token: int) -> int:
+                return ids.index(token) if token in ids else len(ids)
+
+            rows = results["batched"]
             candidates = [
-                token for index, token in enumerate(row[:-1]) if index > 0 and token not in other + row[:index]
+                token
+                for token in dict.fromkeys(rows[0] + rows[1])
+                if first_step(rows[0], token) != first_step(rows[1], token)
+                and min(first_step(rows[0], token), first_step(rows[1], token)) < MAX_NEW_TOKENS - 1
             ]
             results["per_row_stop"] = None
             if candidates:
                 saved_stops = model.config.stop_token_ids
                 model.config.stop_token_ids = [[candidates[0]]]
                 try:
-                    stopped = model.generate(**batch, **greedy)[:, batch["input_ids"].shape[1] :].tolist()
+                    stopped = model.generate(**batch, min_new_tokens=MAX_NEW_TOKENS, **greedy)
                 finally:
                     model.config.stop_token_ids = saved_stops
                 results["per_row_stop"] = {
                     "stop_id": candidates[0],
                     "pad_token_id": model.generation_config.pad_token_id,
-                    "ids": stopped,
+                    "ids": stopped[:, batch["input_ids"].shape[1] :].tolist(),
                 }
 
         report["stage"] = "train"

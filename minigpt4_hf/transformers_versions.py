@@ -32,9 +32,9 @@ PROBE_SCRIPT = Path(__file__).resolve().parent / "remote_code_probe.py"
 # The floor and the latest patch of every supported minor release, oldest first (all measured:
 # docs/transformers-versions.md).
 SUPPORTED_RELEASES = (
-    "4.57.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.3.0", "5.4.0", "5.5.4", "5.6.2", "5.7.0", "5.8.1", "5.9.0", "5.10.4",
-    "5.11.0", "5.12.1", "5.13.1", "5.14.1", "5.15.1", "5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.1",
-    "5.22.2", "5.23.0", "5.24.0",
+    "4.57.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.3.0", "5.4.0", "5.5.4", "5.6.2", "5.7.0", "5.8.1", "5.9.0",
+    "5.10.4", "5.11.0", "5.12.1", "5.13.1", "5.14.1", "5.15.1", "5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.2",
+    "5.21.1", "5.22.2", "5.23.0", "5.24.0",
 )
 NEWEST_RELEASE = SUPPORTED_RELEASES[-1]
 # What CI checks: the release below the floor (refused in one line), the floor, 4.57's last patch, 5.0, a 5.x from
@@ -112,7 +112,8 @@ def build_venv(venv: Path, release: str, torch_requirement: str, log_path: Path)
         shutil.rmtree(venv)
     venv.parent.mkdir(parents=True, exist_ok=True)
     # --no-compile: bytecode is written on first import, for the modules used (far less than torch's whole tree).
-    pip_install = [str(venv_python(venv)), "-m", "pip", "install", "--quiet", "--no-compile", "--disable-pip-version-check"]
+    pip_install = [str(venv_python(venv)), "-m", "pip", "install", "--quiet", "--no-compile",
+                   "--disable-pip-version-check"]
     steps = {
         "python -m venv": [sys.executable, "-m", "venv", str(venv)],
         f"pip install {torch_requirement}": [*pip_install, torch_requirement],
@@ -165,9 +166,10 @@ def run_probe_in_venv(python: Path, model_dir: Path, image_path: Path, log_path:
 
 @dataclass
 class VersionResult:
-    """One release's row of the table."""
+    """One row of the table: one model folder on one release."""
 
     release: str
+    model: str = "-"
     load: str = "-"
     generate: str = "-"
     ids_equal: str = "-"
@@ -186,6 +188,15 @@ class VersionResult:
 COMPARED_IDS = ("greedy", "batched", "streamed", "per_row_stop", "uncached", "decoded")
 
 
+def rows_stopped_at(rows: list[list[int]], stop_id: int, pad_token_id: int) -> list[list[int]]:
+    """
+    What `generate` returns for `rows` when each row stops after its own first `stop_id` (rows without one run to
+    the end): every row cut there and padded with `pad_token_id` to the longest, generation ending with the last row.
+    """
+    ends = [ids.index(stop_id) + 1 if stop_id in ids else len(ids) for ids in rows]
+    return [ids[:end] + [pad_token_id] * (max(ends) - end) for ids, end in zip(rows, ends)]
+
+
 def self_consistency_problems(results: dict) -> list[str]:
     """What one release's probe results say is wrong on their own (streaming, cache and per-row stop)."""
     problems = []
@@ -197,21 +208,16 @@ def self_consistency_problems(results: dict) -> list[str]:
     batched = results.get("batched")
     if stop is None or not batched:
         problems.append("no token to test the per-row stop with")
-    else:
-        first, second = stop["ids"]
-        cut = batched[0].index(stop["stop_id"]) + 1
-        if first[:cut] != batched[0][:cut] or any(token != stop["pad_token_id"] for token in first[cut:]):
-            problems.append("the first row did not stop at its stop sequence")
-        if second != batched[1]:
-            problems.append("the other row did not run on past the first row's stop")
+    elif stop["ids"] != rows_stopped_at(batched, stop["stop_id"], stop["pad_token_id"]):
+        problems.append("the rows did not each stop at their own stop sequence")
     if not results.get("trainable_get_grads"):
         problems.append("the training backward left trainable parameters without gradients")
     return problems
 
 
-def compare_with_reference(release: str, report: dict, reference: dict | None) -> VersionResult:
+def compare_with_reference(release: str, report: dict, reference: dict | None, model: str = "-") -> VersionResult:
     """Turns a probe report into a table row, comparing ids and loss with the reference release's report."""
-    row = VersionResult(release=release)
+    row = VersionResult(release=release, model=model)
     stage, error = report.get("stage"), report.get("error")
     if below_floor(release):
         expected = refusal_message(release)
@@ -245,22 +251,23 @@ def compare_with_reference(release: str, report: dict, reference: dict | None) -
 
 
 def results_table(rows: list[VersionResult], reference_release: str) -> str:
-    """The Markdown table (one row per release, oldest first) and, below it, every failure's reasons."""
+    """The Markdown table (oldest release first, then by model) and, below it, every failure's reasons."""
     lines = [
-        f"Compared with transformers {reference_release}: greedy ids must be identical, the loss within "
-        f"{LOSS_TOLERANCE:g}.",
+        f"Compared with transformers {reference_release}: greedy ids (and their text) must be identical, the loss "
+        f"within {LOSS_TOLERANCE:g}.",
         "",
-        "| transformers | load | generate | ids equal | loss diff | status | setup s | check s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| transformers | model | load | generate | ids equal | loss diff | status | setup s | check s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in sorted(rows, key=lambda row: version.Version(row.release)):
+    rows = sorted(rows, key=lambda row: (version.Version(row.release), row.model))
+    for row in rows:
         loss = "-" if row.loss_diff is None else f"{row.loss_diff:.1e}"
-        lines.append(f"| {row.release} | {row.load} | {row.generate} | {row.ids_equal} | {loss} | {row.status} | "
-                     f"{row.setup_s:.0f} | {row.check_s:.0f} |")
+        lines.append(f"| {row.release} | {row.model} | {row.load} | {row.generate} | {row.ids_equal} | {loss} | "
+                     f"{row.status} | {row.setup_s:.0f} | {row.check_s:.0f} |")
     failures = [row for row in rows if not row.passed]
     if failures:
         lines.append("")
-        lines.extend(f"- {row.release}: {'; '.join(row.problems)}" for row in failures)
+        lines.extend(f"- {row.release} {row.model}: {'; '.join(row.problems)}" for row in failures)
     return "\n".join(lines)
 
 
@@ -268,53 +275,62 @@ def results_table(rows: list[VersionResult], reference_release: str) -> str:
 # The whole check
 
 
-def build_tiny_model_folder(destination: Path) -> Path:
-    """Saves the tiny random model and its processor as the converter would (remote code included)."""
+def build_tiny_model_folder(destination: Path, variant: str = "vicuna0") -> Path:
+    """Saves the tiny random model of `variant` and its processor as the converter would (remote code included)."""
     from minigpt4_hf.random_models import build_random_model
 
-    model, processor = build_random_model("tiny", seed=0)
+    model, processor = build_random_model("tiny", seed=0, variant=variant)
     with atomic_path(destination, directory=True) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
     return destination
 
 
-def check_release(release: str, venv_dir: Path, output_dir: Path, model_dir: Path, image_path: Path,
-                  torch_requirement: str) -> tuple[dict, float, float]:
-    """Builds (or reuses) the release's environment and runs the probe; returns `(report, setup_s, check_s)`."""
+def prepare_venv(release: str, venv_dir: Path, log_path: Path, torch_requirement: str) -> Path:
+    """The release's environment, built unless a complete one is there; raises `RuntimeError` when pip fails."""
     venv = venv_dir / f"transformers-{release}"
-    log_path = output_dir / "logs" / f"transformers-{release}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     if not venv_is_ready(venv, release, torch_requirement):
-        try:
-            build_venv(venv, release, torch_requirement, log_path)
-        except RuntimeError as error:
-            return {"stage": "setup", "error": str(error), "results": {}}, time.perf_counter() - start, 0.0
-    setup_s = time.perf_counter() - start
-    start = time.perf_counter()
-    report = run_probe_in_venv(venv_python(venv), model_dir, image_path, log_path)
-    check_s = time.perf_counter() - start
-    write_text_atomically(output_dir / "reports" / f"transformers-{release}.json", json.dumps(report, indent=1))
-    return report, setup_s, check_s
+        build_venv(venv, release, torch_requirement, log_path)
+    return venv
 
 
-def check_releases(releases: list[str], reference_release: str, venv_dir: Path, output_dir: Path, model_dir: Path,
-                   image_path: Path, torch_requirement: str) -> list[VersionResult]:
-    """Checks `releases` (the reference first) and returns one row per release (the reference included)."""
+def check_releases(releases: list[str], reference_release: str, venv_dir: Path, output_dir: Path,
+                   models: dict[str, Path], image_path: Path, torch_requirement: str) -> list[VersionResult]:
+    """
+    Checks every model folder of `models` (label -> folder) on every release of `releases` (the reference first,
+    always). Returns one row per release and model; a release's environment time goes to its first row.
+    """
     from tqdm.auto import tqdm
 
     order = [reference_release] + [release for release in releases if release != reference_release]
     reports, timings = {}, {}
     for release in tqdm(order, desc="transformers releases", unit="release"):
-        report, setup_s, check_s = check_release(release, venv_dir, output_dir, model_dir, image_path,
-                                                 torch_requirement)
-        reports[release], timings[release] = report, (setup_s, check_s)
+        log_path = output_dir / "logs" / f"transformers-{release}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        try:
+            venv = prepare_venv(release, venv_dir, log_path, torch_requirement)
+        except RuntimeError as error:
+            venv = None
+            setup_report = {"stage": "setup", "error": str(error), "results": {}}
+        setup_s = time.perf_counter() - start
+        for label, model_dir in models.items():
+            start = time.perf_counter()
+            if venv is None:
+                report = setup_report
+            else:
+                report = run_probe_in_venv(venv_python(venv), model_dir, image_path, log_path)
+                write_text_atomically(output_dir / "reports" / f"transformers-{release}-{label}.json",
+                                      json.dumps(report, indent=1))
+            reports[release, label] = report
+            timings[release, label] = (setup_s, time.perf_counter() - start)
+            setup_s = 0.0
     rows = []
     for release in order:
-        row = compare_with_reference(release, reports[release], reports[reference_release])
-        row.setup_s, row.check_s = timings[release]
-        rows.append(row)
+        for label in models:
+            row = compare_with_reference(release, reports[release, label], reports[reference_release, label], label)
+            row.setup_s, row.check_s = timings[release, label]
+            rows.append(row)
     return rows
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from configuration_minigpt4 import MINIMUM_TRANSFORMERS_VERSION
+from configuration_minigpt4 import MINIMUM_TRANSFORMERS_VERSION, VARIANTS
 from conftest import REPO_ROOT
-from minigpt4_hf.cli.check_transformers_versions import main, parse_args
+from minigpt4_hf.cli.check_transformers_versions import PROG, main, parse_args
 from minigpt4_hf.model_card import build_model_card
 from minigpt4_hf.transformers_versions import (
     DEFAULT_VERSIONS,
@@ -25,10 +25,10 @@ from minigpt4_hf.transformers_versions import (
     compare_with_reference,
     refusal_message,
     results_table,
+    rows_stopped_at,
 )
 
 
-PROG = "check_transformers_versions.py"
 
 
 def passing_report(release: str = NEWEST_RELEASE) -> dict:
@@ -66,6 +66,7 @@ def below_floor_release() -> str:
 
 def test_versions_all_means_every_supported_minor_release():
     assert parse_args(["--versions", "all"]).versions == list(SUPPORTED_RELEASES)
+    assert parse_args(["--versions", "4.56.2", "all", "5.0.0"]).versions == ["4.56.2", *SUPPORTED_RELEASES]
 
 
 def test_default_versions_cover_below_the_floor_the_floor_4_57_6_a_mid_5x_and_the_newest():
@@ -106,6 +107,14 @@ def test_a_model_folder_without_config_is_refused_before_anything_is_written(tmp
     assert not output_dir.exists() and not (tmp_path / "venvs").exists()
 
 
+def test_every_variant_is_checked_unless_a_model_folder_is_given(tiny_saved_dir, capsys):
+    assert parse_args([]).variants == list(VARIANTS)
+    assert parse_args(["--variants", "v2", "v2"]).variants == ["v2"]
+    with pytest.raises(SystemExit):
+        parse_args(["--model", str(tiny_saved_dir), "--variants", "v2"])
+    assert "--variants picks tiny random models" in capsys.readouterr().err
+
+
 def test_help_shows_the_real_defaults(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
@@ -113,6 +122,7 @@ def test_help_shows_the_real_defaults(capsys):
     assert f"(default: {' '.join(DEFAULT_VERSIONS)})" in help_text
     assert f"(default: {NEWEST_RELEASE})" in help_text
     assert "(default: outputs/transformers-versions)" in help_text
+    assert f"(default: {' '.join(VARIANTS)})" in help_text
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -176,7 +186,13 @@ def test_a_row_that_runs_past_its_stop_sequence_fails():
     stop = {"stop_id": 6, "pad_token_id": 0, "ids": [[5, 6, 7, 8], [5, 9, 10, 11]]}
     report = with_result(passing_report("5.0.0"), "per_row_stop", stop)
     row = compare_with_reference("5.0.0", report, with_result(passing_report(), "per_row_stop", stop))
-    assert "the first row did not stop at its stop sequence" in row.problems
+    assert "the rows did not each stop at their own stop sequence" in row.problems
+
+
+def test_rows_stop_at_their_own_stop_token_and_generation_ends_with_the_last_row():
+    rows = [[5, 6, 7, 6], [8, 9, 6, 1], [4, 4, 4, 4]]
+    assert rows_stopped_at(rows[:2], 6, 0) == [[5, 6, 0], [8, 9, 6]]
+    assert rows_stopped_at([rows[0], rows[2]], 6, 0) == [[5, 6, 0, 0], [4, 4, 4, 4]]
 
 
 def test_a_release_below_the_floor_passes_only_when_refused_with_the_one_line_error():
@@ -197,17 +213,18 @@ def test_the_refusal_names_the_floor_the_found_release_and_the_pip_command():
 
 def test_table_lists_releases_in_version_order_with_the_reasons_of_failures():
     rows = [
-        VersionResult("5.10.4", "ok", "ok", "yes", 0.0, "pass", setup_s=100, check_s=30),
-        VersionResult("5.9.0", "FAIL", "-", "-", None, "FAIL", ["load: ImportError: boom"]),
-        VersionResult("4.57.6", "ok", "ok", "yes", 1e-7, "pass"),
+        VersionResult("5.10.4", "v2", "ok", "ok", "yes", 0.0, "pass", check_s=30),
+        VersionResult("5.10.4", "llama2", "ok", "ok", "yes", 0.0, "pass", setup_s=100, check_s=30),
+        VersionResult("5.9.0", "v2", "FAIL", "-", "-", None, "FAIL", ["load: ImportError: boom"]),
+        VersionResult("4.57.6", "v2", "ok", "ok", "yes", 1e-7, "pass"),
     ]
     table = results_table(rows, NEWEST_RELEASE)
     lines = table.splitlines()
-    assert "| transformers | load | generate | ids equal | loss diff | status | setup s | check s |" in lines
-    releases = [line.split("|")[1].strip() for line in lines if re.match(r"\| \d", line)]
-    assert releases == ["4.57.6", "5.9.0", "5.10.4"]
-    assert "| 5.10.4 | ok | ok | yes | 0.0e+00 | pass | 100 | 30 |" in lines
-    assert lines[-1] == "- 5.9.0: load: ImportError: boom"
+    assert "| transformers | model | load | generate | ids equal | loss diff | status | setup s | check s |" in lines
+    order = [tuple(cell.strip() for cell in line.split("|")[1:3]) for line in lines if re.match(r"\| \d", line)]
+    assert order == [("4.57.6", "v2"), ("5.9.0", "v2"), ("5.10.4", "llama2"), ("5.10.4", "v2")]
+    assert "| 5.10.4 | llama2 | ok | ok | yes | 0.0e+00 | pass | 100 | 30 |" in lines
+    assert lines[-1] == "- 5.9.0 v2: load: ImportError: boom"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -226,9 +243,9 @@ def test_main_checks_the_installed_release_end_to_end(tiny_saved_dir, tmp_path, 
                    "torch==0", "--venv-dir", str(tmp_path / "venvs"), "--output-dir", str(output_dir)])
     printed = capsys.readouterr().out
     assert status == 0, printed
-    assert f"| {release} | ok | ok | yes | 0.0e+00 | pass |" in printed
+    assert f"| {release} | {tiny_saved_dir.name} | ok | ok | yes | 0.0e+00 | pass |" in printed
     assert (output_dir / "results.md").read_text().strip() == printed.strip()
-    report = json.loads((output_dir / "reports" / f"transformers-{release}.json").read_text())
+    report = json.loads((output_dir / "reports" / f"transformers-{release}-{tiny_saved_dir.name}.json").read_text())
     assert report["results"]["classes"] == ["MiniGPT4Config", "MiniGPT4Processor",
                                             "MiniGPT4ForConditionalGeneration", "MiniGPT4ForConditionalGeneration"]
     assert report["results"]["remote_code"] is True
@@ -251,3 +268,10 @@ def test_model_card_states_the_supported_transformers_range(tiny_shared):
     card = build_model_card(model.config, "someone/minigpt4-tiny", [], torch.float32, {}, [])
     assert f"runs on transformers >= {MINIMUM_TRANSFORMERS_VERSION} (tested on" in str(card)
     assert f"up to {NEWEST_RELEASE}" in str(card)
+
+
+def test_docs_page_states_the_range_and_has_a_measured_row_for_every_supported_release():
+    page = (REPO_ROOT / "docs" / "transformers-versions.md").read_text()
+    assert f"**transformers >= {MINIMUM_TRANSFORMERS_VERSION}, < 6**" in page
+    measured = {line.split("|")[1].strip() for line in page.splitlines() if re.match(r"\| \d+\.\d+\.\d+ \|", line)}
+    assert set(SUPPORTED_RELEASES) <= measured
