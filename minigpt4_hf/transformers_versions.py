@@ -22,9 +22,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from importlib import metadata
+
 from packaging import version
 
-from configuration_minigpt4 import MINIMUM_TRANSFORMERS_VERSION, check_transformers_version
 from minigpt4_hf.files import atomic_path, write_text_atomically
 
 
@@ -36,10 +37,13 @@ SUPPORTED_RELEASES = (
     "5.10.4", "5.11.0", "5.12.1", "5.13.1", "5.14.1", "5.15.1", "5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.2",
     "5.21.1", "5.22.2", "5.23.0", "5.24.0",
 )
+# The floor is configuration_minigpt4.MINIMUM_TRANSFORMERS_VERSION (tests keep the two equal); it is read from here so
+# that this module, and the checker's --help, import neither transformers nor torch.
+FLOOR_RELEASE = SUPPORTED_RELEASES[0]
 NEWEST_RELEASE = SUPPORTED_RELEASES[-1]
 # What CI checks: the release below the floor (refused in one line), the floor, 4.57's last patch, 5.0, a 5.x from
 # before dataclass configs' sub-config specs and the generate-side image handling, and the newest.
-DEFAULT_VERSIONS = ("4.56.2", MINIMUM_TRANSFORMERS_VERSION, "4.57.6", "5.0.0", "5.10.4", NEWEST_RELEASE)
+DEFAULT_VERSIONS = ("4.56.2", FLOOR_RELEASE, "4.57.6", "5.0.0", "5.10.4", NEWEST_RELEASE)
 # Packages the remote code imports besides torch and transformers (pip picks versions that fit the transformers).
 VENV_PACKAGES = ("safetensors", "tokenizers", "huggingface_hub", "pillow", "sentencepiece", "protobuf")
 LOSS_TOLERANCE = 1e-6
@@ -50,17 +54,18 @@ READY_MARKER = "minigpt4-venv.json"
 def supported_transformers_text() -> str:
     """The supported range in words, for model cards and docs."""
     return (
-        f"transformers >= {MINIMUM_TRANSFORMERS_VERSION} (tested on {', '.join(SUPPORTED_RELEASES[:2])} and the "
+        f"transformers >= {FLOOR_RELEASE} (tested on {', '.join(SUPPORTED_RELEASES[:2])} and the "
         f"latest patch of every 5.x minor release up to {NEWEST_RELEASE}; an older transformers stops with a one-line "
         "error naming the upgrade)"
     )
 
 
 def default_torch_requirement() -> str:
-    """`torch==X` for the torch of this interpreter (a local CPU wheel stays local; an unpinned torch would not)."""
-    import torch
-
-    return f"torch=={torch.__version__.split('+')[0]}"
+    """
+    `torch==X` for the torch installed with this interpreter (a local CPU wheel stays local; an unpinned torch would
+    not). Read from the package metadata: torch is not imported.
+    """
+    return f"torch=={metadata.version('torch').split('+')[0]}"
 
 
 def is_release(text: str) -> bool:
@@ -73,12 +78,14 @@ def is_release(text: str) -> bool:
 
 
 def below_floor(release: str) -> bool:
-    """Whether the remote code must refuse `release` (older than `MINIMUM_TRANSFORMERS_VERSION`)."""
-    return version.Version(release) < version.Version(MINIMUM_TRANSFORMERS_VERSION)
+    """Whether the remote code must refuse `release` (older than the floor, `FLOOR_RELEASE`)."""
+    return version.Version(release) < version.Version(FLOOR_RELEASE)
 
 
 def refusal_message(release: str) -> str:
     """The one line with which importing the remote code under `release` fails (`ImportError: ...`)."""
+    from configuration_minigpt4 import check_transformers_version
+
     try:
         check_transformers_version(release)
     except ImportError as error:

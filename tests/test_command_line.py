@@ -18,7 +18,7 @@ import torch
 from conftest import REPO_ROOT
 from minigpt4_hf.cli import build_stage2_data, caption, chat, convert, demo, evaluate, quickstart, train
 from minigpt4_hf.cli import benchmark as benchmark_cli
-from minigpt4_hf.cli import benchmark_conversion, demo_load_test
+from minigpt4_hf.cli import benchmark_conversion, check_transformers_versions, demo_load_test
 from minigpt4_hf.random_models import EXAMPLE_IMAGE
 
 
@@ -34,15 +34,14 @@ TOOLS = {  # console entry point -> module in minigpt4_hf.cli
     "minigpt4-evaluate": "evaluate",
     "minigpt4-demo-load-test": "demo_load_test",
     "minigpt4-benchmark-conversion": "benchmark_conversion",
+    "minigpt4-check-transformers": "check_transformers_versions",
 }
-# A developer tool with tests of its own (tests/test_check_transformers_versions.py): it reads the supported range from
-# the model files, so its --help imports transformers; the user-facing conventions below are not asked of it.
-DEVELOPER_TOOLS = {"minigpt4-check-transformers": "check_transformers_versions"}
 MAINS = {"minigpt4-quickstart": quickstart.main, "minigpt4-convert": convert.main, "minigpt4-train": train.main,
          "minigpt4-chat": chat.main, "minigpt4-caption": caption.main, "minigpt4-demo": demo.main,
          "minigpt4-build-stage2-data": build_stage2_data.main, "minigpt4-benchmark": benchmark_cli.main,
          "minigpt4-evaluate": evaluate.main, "minigpt4-demo-load-test": demo_load_test.main,
-         "minigpt4-benchmark-conversion": benchmark_conversion.main}
+         "minigpt4-benchmark-conversion": benchmark_conversion.main,
+         "minigpt4-check-transformers": check_transformers_versions.main}
 HEAVY_PACKAGES = ("torch", "transformers", "datasets", "gradio", "peft", "accelerate")
 HELP_PROBE = """
 import runpy, sys
@@ -99,10 +98,18 @@ def snapshot(folder) -> dict:
 def test_every_tool_is_a_console_entry_point_and_a_scripts_launcher():
     setup = (REPO_ROOT / "setup.py").read_text()
     declared = dict(re.findall(r'"(minigpt4-[\w-]+) = minigpt4_hf\.cli\.(\w+):cli"', setup))
-    assert declared == {**TOOLS, **DEVELOPER_TOOLS}
+    assert declared == TOOLS
     launched = {re.search(r"from minigpt4_hf\.cli\.(\w+) import cli", path.read_text()).group(1)
                 for path in (REPO_ROOT / "scripts").glob("*.py")}
-    assert launched == set(TOOLS.values()) | set(DEVELOPER_TOOLS.values())
+    assert launched == set(TOOLS.values())
+
+
+def test_the_command_line_docs_list_every_tool_with_its_launcher():
+    page = (REPO_ROOT / "docs" / "command-line.md").read_text()
+    listed = dict(re.findall(r"^\| `(minigpt4-[\w-]+)` \| `python scripts/(\w+)\.py` \|", page, flags=re.MULTILINE))
+    assert set(listed) == set(TOOLS)
+    for tool, launcher in listed.items():
+        assert f"from minigpt4_hf.cli.{TOOLS[tool]} import cli" in (REPO_ROOT / "scripts" / f"{launcher}.py").read_text()
 
 
 @pytest.mark.parametrize("tool", TOOLS)

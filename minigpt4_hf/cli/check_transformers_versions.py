@@ -19,9 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-from configuration_minigpt4 import VARIANTS
 from minigpt4_hf.cli.options import CommandLineParser, console_entry_point
 from minigpt4_hf.random_models import EXAMPLE_IMAGE
+from minigpt4_hf.recipe import TRAINING_PRESETS
 from minigpt4_hf.transformers_versions import (
     DEFAULT_VERSIONS,
     NEWEST_RELEASE,
@@ -36,6 +36,7 @@ from minigpt4_hf.transformers_versions import (
 
 
 PROG = "minigpt4-check-transformers"
+VARIANTS = tuple(TRAINING_PRESETS)  # every released model has a recipe: configuration_minigpt4.VARIANTS
 
 
 def default_venv_dir() -> Path:
