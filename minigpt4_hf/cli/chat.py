@@ -19,8 +19,6 @@ from minigpt4_hf.inputs import check_image_file, check_model_path
 
 
 PROG = "minigpt4-chat"
-
-
 COMMANDS_HELP = (
     "Commands: /image FILE (start over with another image), /reset (start over, same image), /quit. "
     "Anything else is a question; Ctrl-C stops an answer."
