@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 
 TRAIN = ["peft>=0.17", "datasets>=4.0", "accelerate>=1.10"]
 CONVERT = ["sentencepiece>=0.2", "protobuf>=4"]
-DEMO = ["gradio>=6,<7"]
+DEMO = ["gradio>=6,<7", "psutil>=5.9"]
 DATA = ["datasets>=4.0"]
 BENCHMARK = ["matplotlib>=3.8"]
 QUANTIZATION = ["bitsandbytes>=0.45", "accelerate>=1.10"]
@@ -30,8 +30,10 @@ setup(
             "minigpt4-chat = minigpt4_hf.cli.chat:cli",
             "minigpt4-caption = minigpt4_hf.cli.caption:cli",
             "minigpt4-demo = minigpt4_hf.cli.demo:cli",
+            "minigpt4-demo-load-test = minigpt4_hf.cli.demo_load_test:cli",
             "minigpt4-build-stage2-data = minigpt4_hf.cli.build_stage2_data:cli",
             "minigpt4-benchmark = minigpt4_hf.cli.benchmark:cli",
+            "minigpt4-benchmark-conversion = minigpt4_hf.cli.benchmark_conversion:cli",
         ]
     },
     # What loading a model and generating with it needs (minigpt4-chat, -caption, -quickstart and the library's
@@ -52,7 +54,8 @@ setup(
         "train": TRAIN,
         # minigpt4-convert of checkpoints whose tokenizer ships only as sentencepiece `tokenizer.model`.
         "convert": CONVERT,
-        # minigpt4-demo (Gradio 6 chat messages; gradio 6 pins pillow<13).
+        # minigpt4-demo (Gradio 6 chat messages; gradio 6 pins pillow<13); gradio_client, which gradio brings, and
+        # psutil drive and measure minigpt4-demo-load-test.
         "demo": DEMO,
         # minigpt4-build-stage2-data: the exported HF dataset (the refiner talks HTTP with the standard library).
         "data": DATA,
@@ -62,8 +65,8 @@ setup(
         "quantization": QUANTIZATION,
         # Everything that runs on any machine (the CUDA-only quantization extra is left to `quantization`).
         "all": ALL,
-        # The test suite: every extra it exercises, pytest, and Playwright for the browser test of the demo (it drives
-        # Debian's chromium: apt-get install chromium).
-        "dev": ALL + ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.40"],
+        # The test suite: every extra it exercises, pytest, Playwright for the browser test of the demo (it drives
+        # Debian's chromium: apt-get install chromium) and TRL for tests/test_trl.py (docs/fine-tuning-trl.md).
+        "dev": ALL + ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.40", "trl>=1.16"],
     },
 )

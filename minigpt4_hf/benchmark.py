@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from minigpt4_hf.files import atomic_path, write_text_atomically
 from minigpt4_hf.inference import load_model_and_processor
@@ -223,7 +223,7 @@ class ModelSetup:
         """Puts the model in this setup (variants may share one model: each applies its own before running)."""
         model = self.model
         model.set_attn_implementation(self.attention)
-        model.frozen_encoders_without_grad = self.frozen_encoders_without_grad
+        model.model.frozen_encoders_without_grad = self.frozen_encoders_without_grad
         vision = model.vision_model
         if self.compile_vision:
             vision.forward = compiled_forward(vision)
@@ -542,6 +542,15 @@ def text_prompt_like(models: BenchmarkModels, input_ids: torch.LongTensor) -> to
     return input_ids.masked_fill(input_ids == models.fp32.config.image_token_id, filler)
 
 
+def bare_language_model(model: MiniGPT4ForConditionalGeneration) -> torch.nn.Module:
+    """`model`'s language model and output head as a plain causal language model (the same modules, not copies)."""
+    with torch.device("meta"):
+        causal_lm = AutoModelForCausalLM.from_config(model.config.text_config)
+    causal_lm.model = model.language_model
+    causal_lm.lm_head = model.lm_head
+    return causal_lm.eval()
+
+
 def decode_case(models: BenchmarkModels, settings: BenchmarkSettings) -> dict:
     """Prefill and decode of `generate()` with an image against the bare language model from a same-length text."""
     model = models.fp32
@@ -552,8 +561,10 @@ def decode_case(models: BenchmarkModels, settings: BenchmarkSettings) -> dict:
     def with_image(processors: LogitsProcessorList) -> torch.LongTensor:
         return model.generate(**inputs, logits_processor=processors, **generate_kwargs)
 
+    language_model = bare_language_model(model)
+
     def text_only(processors: LogitsProcessorList) -> torch.LongTensor:
-        return model.language_model.generate(
+        return language_model.generate(
             input_ids=text_ids, attention_mask=inputs["attention_mask"], logits_processor=processors, **generate_kwargs
         )
 

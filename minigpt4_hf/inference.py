@@ -205,6 +205,23 @@ def answer_batch(model, processor, images: list, question: str, generate_kwargs:
     return generate_answers(model, processor, images, [prompt] * len(images), **generate_kwargs)
 
 
+def check_question_fits(model, processor, question: str, max_new_tokens: int) -> None:
+    """
+    Raises ValueError when one image plus `question` (in the chat template) plus `max_new_tokens` new tokens exceed
+    the language model's context, saying by how much: checked once, before a batch run starts.
+    """
+    from PIL import Image
+
+    prompt = processor.apply_chat_template([user_message(question)], add_generation_prompt=True)
+    length = len(processor(images=[Image.new("RGB", (1, 1))], text=prompt)["input_ids"][0])
+    context = getattr(model.config.text_config, "max_position_embeddings", None)
+    if context is not None and length + max_new_tokens > context:
+        raise ValueError(
+            f"The prompt takes {length} tokens with its image; with {max_new_tokens} new tokens that is more than "
+            f"the model's {context}-token context. Shorten the prompt (or lower --max-new-tokens)."
+        )
+
+
 class _StopWhenCancelled(StoppingCriteria):
     """Ends generation for every row once `event` is set (a reader stopped listening to a streamed answer)."""
 
@@ -383,6 +400,22 @@ class Conversation:
         self.reset()
         return self.upload_image(loaded)
 
+    def withdraw_question(self) -> str | None:
+        """
+        Takes the pending question back out of the history (its image stays), e.g. when it cannot fit or its answer
+        failed; returns its text (None when no question is pending).
+        """
+        if not self.has_pending_question():
+            return None
+        last = self.messages[-1]
+        question = next(part["text"] for part in reversed(last["content"]) if part["type"] == "text")
+        remaining = [part for part in last["content"] if part["type"] != "text"]
+        if remaining:
+            self.messages[-1] = {**last, "content": remaining}
+        else:
+            self.messages.pop()
+        return question
+
     # -- helpers ----------------------------------------------------------------------------------------------------
 
     def has_pending_question(self) -> bool:
@@ -410,7 +443,7 @@ class Conversation:
         while inputs["input_ids"].shape[1] + max_new_tokens > self.context_budget:
             user_turns = [index for index, message in enumerate(self.messages) if message["role"] == "user"]
             if len(user_turns) < 2:
-                self._withdraw_question()
+                self.withdraw_question()
                 raise ValueError(
                     f"The image(s) and the question take {inputs['input_ids'].shape[1]} tokens; with "
                     f"{max_new_tokens} new tokens that is more than the {self.context_budget}-token context. "
@@ -434,15 +467,6 @@ class Conversation:
                        if isinstance(part, dict) and part.get("type") == "image"]
         if kept_images:
             self.messages[0] = {**self.messages[0], "content": kept_images + list(self.messages[0]["content"])}
-
-    def _withdraw_question(self) -> None:
-        """Takes the pending question back out of the history (its image stays), e.g. when it cannot fit."""
-        last = self.messages[-1]
-        remaining = [part for part in last["content"] if part["type"] != "text"]
-        if remaining:
-            self.messages[-1] = {**last, "content": remaining}
-        else:
-            self.messages.pop()
 
     def _store_answer(self, generated: torch.LongTensor, inputs) -> str:
         answer = self.processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])[0]

@@ -41,10 +41,12 @@ MODEL_SIZES = {
 
 
 def build_random_model(size: str = "tiny", tokenizer_dir: str | os.PathLike = TINY_TOKENIZER_DIR, seed: int = 0,
-                       **config_overrides):
+                       variant: str = "vicuna0", **config_overrides):
     """
-    A randomly initialised MiniGPT-4 of a named size and its processor, around a LLaMA tokenizer.
+    A randomly initialised MiniGPT-4 of a named size and variant, and its processor, around a LLaMA tokenizer.
 
+    `variant` picks the bridge and the chat template: `"vicuna0"` has the Q-Former; `"llama2"` and `"v2"` merge 4
+    patch tokens instead, and `"v2"` runs at twice the size's image size (448 px for the real sizes, as MiniGPT-v2).
     The vocabulary, special-token ids, image token and stop sequences come from the tokenizer, so the pair behaves
     like a converted checkpoint. Returns `(model, processor)`.
     """
@@ -53,29 +55,35 @@ def build_random_model(size: str = "tiny", tokenizer_dir: str | os.PathLike = TI
 
     from configuration_minigpt4 import MiniGPT4Config
     from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
-    from processing_minigpt4 import MiniGPT4Processor, stop_token_ids_for
+    from processing_minigpt4 import CHAT_TEMPLATES, MiniGPT4Processor, variant_stop_token_ids
 
     if size not in MODEL_SIZES:
         raise ValueError(f"Unknown size {size!r}; choose one of {', '.join(MODEL_SIZES)}.")
+    if variant not in CHAT_TEMPLATES:
+        raise ValueError(f"Unknown variant {variant!r}; choose one of {', '.join(CHAT_TEMPLATES)}.")
     sizes = MODEL_SIZES[size]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     vision = dict(sizes["vision_config"])
-    image_size = vision.get("image_size", 224)
+    if variant == "v2":
+        vision["image_size"] = 2 * vision.get("image_size", 224)
     processor = MiniGPT4Processor.from_tokenizer(
-        tokenizer, image_size=image_size, num_query_tokens=sizes["num_query_tokens"]
+        tokenizer, image_size=vision.get("image_size", 224), chat_template=CHAT_TEMPLATES[variant]
     )
     text = dict(sizes["text_config"])
     text.update(vocab_size=len(tokenizer) - 1, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = MiniGPT4Config(
-        vision_config=vision,
-        qformer_config=dict(sizes["qformer_config"]),
-        text_config=text,
-        num_query_tokens=sizes["num_query_tokens"],
-        image_token_id=processor.image_token_id,
-        stop_token_ids=stop_token_ids_for(tokenizer),
-        **config_overrides,
-    )
+    settings = {
+        "vision_config": vision,
+        "qformer_config": dict(sizes["qformer_config"]),
+        "text_config": text,
+        "num_query_tokens": sizes["num_query_tokens"],
+        "image_token_id": processor.image_token_id,
+        "stop_token_ids": variant_stop_token_ids(tokenizer, variant),
+        "variant": variant,
+        "use_qformer": variant == "vicuna0",
+    }
+    config = MiniGPT4Config(**{**settings, **config_overrides})
+    processor.num_image_tokens = config.num_image_tokens
     torch.manual_seed(seed)
     model = MiniGPT4ForConditionalGeneration(config).eval()
     return model, processor

@@ -6,14 +6,22 @@ optimizer groups and learning-rate schedule, model preparation (freezing, projec
 the loaders and the projection helpers. The values and behaviours follow the original two-stage recipe (Vision-CAIR
 MiniGPT-4 `train_configs/minigpt4_stage{1,2}_*.yaml`, `blip_processors.py`, `common/optims.py`).
 
+Presets exist for every released variant (`TRAINING_PRESETS[variant][stage]`): MiniGPT-4 with Vicuna v0 (stages 1
+and 2), MiniGPT-4 with Llama-2 (stages 1 and 2, `train_configs/minigpt4_llama2_stage*.yaml`) and MiniGPT-v2's
+fine-tuning (stage 3, `train_configs/minigptv2_finetune.yaml`: LoRA, 448 px, task instructions, multi-turn
+conversations, a weighted mixture of datasets).
+
 Data flow of one training sample:
     source row (cc_sbu_align entry / webdataset sample / HF dataset row)
-    -> record {"image": bytes|path|PIL, "text": caption, "sample_id": str}
+    -> record {"image": bytes|path|PIL|None, "text": answer, "instruction": str|None, "conversation": turns|None,
+       "sample_id": str}
     -> `SampleFormatter`: decoded RGB image, RandomResizedCrop to the model's size (or a plain resize),
-       prompt "<ImageHere>" (stage 1) or "###Human: <Img><ImageHere></Img> ... ###Assistant: " (stage 2),
-       target = caption (cleaned in stage 1) + end symbol
+       prompt "<ImageHere>" (stage 1), one of the alignment prompts in the variant's template (stage 2), or the
+       record's own instruction in it (`[INST] <Img><ImageHere></Img> [refer] where is the cat?  [/INST]`),
+       target = answer (cleaned in stage 1) + end symbol; a conversation's target is the list
+       [answer 1 + end, "<s>" + question 2 in the template, answer 2 + end, ...]
     -> `TrainingCollator`: `processor(images, text=prompts, suffix=targets)` -> input_ids, attention_mask,
-       pixel_values, labels (-100 everywhere but the target tokens).
+       pixel_values, labels (-100 everywhere but the answers' tokens).
 """
 
 import json
@@ -36,12 +44,17 @@ from transformers import Trainer, TrainerCallback
 from configuration_minigpt4 import DEFAULT_IMAGE_TOKEN
 from minigpt4_hf.files import atomic_path
 from minigpt4_hf.inputs import check_data_path, find_webdataset_shards
-from minigpt4_hf.recipe import (  # noqa: F401 (STAGE_PRESETS and IMAGE_TRANSFORMS are part of this module's API)
+from minigpt4_hf.recipe import (  # noqa: F401 (the presets and templates are part of this module's API, __all__)
     ALIGNMENT_PROMPTS,
+    BOS_TEXT,
     CAPTION_MAX_WORDS,
+    IMAGE_INSTRUCTION_FORMAT,
     IMAGE_TRANSFORMS,
+    LLAMA2_PROMPT_TEMPLATE,
     STAGE2_PROMPT_TEMPLATE,
     STAGE_PRESETS,
+    TRAINING_PRESETS,
+    V2_PROMPT_TEMPLATE,
 )
 from processing_minigpt4 import load_rgb_image
 
@@ -226,16 +239,28 @@ def sample_rng(seed: int, epoch: int, sample_key: str | int) -> random.Random:
 @dataclass
 class SampleFormatter:
     """
-    Turns a record into what the collator needs: `{"image": PIL (size x size), "prompt": str, "target": str,
-    "sample_id": str}`.
+    Turns a record into what the collator needs: `{"image": PIL (size x size) or None, "prompt": str, "target": str
+    or list[str], "sample_id": str}`.
+
+    A record with an `instruction` is prompted with it (put with its image by `instruction_format`, then into
+    `prompt_template`); one with a `conversation` (multi-turn, see `conversation_turns`) gets its first question as
+    the prompt and the list `[answer 1, "<s>" + question 2, answer 2, ...]` as the target, as the original's
+    conversation datasets and `tokenize_conversation`; a plain caption record gets one of `prompts`. A record with an
+    instruction or a conversation but no image is a text-only sample.
 
     Args:
         image_transform: the training image transform (size = the model's image size).
         prompts: full prompts, each with one `<ImageHere>` (stage 2: the four alignment prompts in the template), one
             drawn at random per sample; empty for no prompt (stage 1: the text is `<ImageHere>` alone).
-        end_symbol: appended to each caption (`end_sym`: `"\\n"` in stage 1, `"###"` in stage 2).
+        end_symbol: appended to each answer (`end_sym`: `"\\n"` in stage 1, `"###"` in stage 2, `"</s>"` for Llama-2
+            and MiniGPT-v2, which the processor reads as the EOS id).
         clean_captions: apply `clean_caption` (the `blip_caption` processor; stage 1).
         max_caption_words: word limit of `clean_caption`.
+        prompt_template: wraps a record's instruction and each question of a conversation (`"[INST] {} [/INST]"`);
+            empty: used as they are.
+        instruction_format: puts an instruction (and a conversation's first question) with the image, unless it
+            holds `<ImageHere>` itself (MiniGPT-v2: `"<Img><ImageHere></Img> {} "`).
+        followup_format: the later questions of a conversation (MiniGPT-v2: `"{} "`).
     """
 
     image_transform: TrainingImageTransform
@@ -243,16 +268,90 @@ class SampleFormatter:
     end_symbol: str = "###"
     clean_captions: bool = False
     max_caption_words: int = CAPTION_MAX_WORDS
+    prompt_template: str = ""
+    instruction_format: str = IMAGE_INSTRUCTION_FORMAT
+    followup_format: str = "{}"
 
     def __call__(self, record: dict, rng: random.Random, base_dir: str | os.PathLike | None = None) -> dict:
-        text = record.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise UnusableSampleError("the record has no caption text")
-        image = self.image_transform(open_image(record.get("image"), base_dir), rng)
-        caption = clean_caption(text, self.max_caption_words) if self.clean_captions else text
-        prompt = rng.choice(self.prompts) if self.prompts else DEFAULT_IMAGE_TOKEN
-        return {"image": image, "prompt": prompt, "target": caption + self.end_symbol,
-                "sample_id": str(record.get("sample_id"))}
+        turns = conversation_turns(record.get("conversation"))
+        instruction = record.get("instruction")
+        instruction = instruction.strip() if isinstance(instruction, str) and instruction.strip() else None
+        if turns:
+            answer = turns[0][1]
+        else:
+            answer = record.get("text")
+            if not isinstance(answer, str) or not answer.strip():
+                raise UnusableSampleError("the record has no caption text")
+        text_only = record.get("image") is None and (turns or instruction)
+        image = None if text_only else self.image_transform(open_image(record.get("image"), base_dir), rng)
+        if turns:
+            first_question = turns[0][0].replace("<image>", "").replace("\n", "").strip()
+            prompt = self._wrap(self._with_image(first_question, image is not None))
+            target = [answer + self.end_symbol]
+            for question, later_answer in turns[1:]:
+                target += [BOS_TEXT + self._wrap(self.followup_format.format(question)), later_answer + self.end_symbol]
+            target = target[0] if len(target) == 1 else target
+        else:
+            caption = clean_caption(answer, self.max_caption_words) if self.clean_captions else answer
+            if instruction is not None:
+                prompt = self._wrap(self._with_image(instruction, image is not None))
+            else:
+                prompt = rng.choice(self.prompts) if self.prompts else DEFAULT_IMAGE_TOKEN
+            target = caption + self.end_symbol
+        return {"image": image, "prompt": prompt, "target": target, "sample_id": str(record.get("sample_id"))}
+
+    def _with_image(self, instruction: str, has_image: bool) -> str:
+        if DEFAULT_IMAGE_TOKEN in instruction:
+            if not has_image:
+                raise UnusableSampleError(f"the instruction has {DEFAULT_IMAGE_TOKEN} but the record has no image")
+            return instruction
+        return self.instruction_format.format(instruction) if has_image else instruction
+
+    def _wrap(self, text: str) -> str:
+        return self.prompt_template.format(text) if self.prompt_template else text
+
+
+# Who speaks in a conversation record: LLaVA's `{"from": "human" | "gpt", "value"}` or chat messages'
+# `{"role": "user" | "assistant", "content"}`.
+_QUESTION_ROLES = ("human", "user")
+_ANSWER_ROLES = ("gpt", "assistant")
+
+
+def conversation_turns(value: Any) -> list[tuple[str, str]]:
+    """
+    The `(question, answer)` pairs of a conversation record: a list (or its JSON text) of LLaVA turns
+    (`{"from": "human"|"gpt", "value": ...}`) or chat messages (`{"role": "user"|"assistant", "content": ...}`),
+    alternating, starting with a question and ending with an answer. None or empty: no conversation.
+
+    Raises:
+        UnusableSampleError: turns out of order, unknown speakers, or not text.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise UnusableSampleError(f"the conversation is not valid JSON ({error})") from None
+    texts, speakers = [], []
+    for turn in value:
+        if not isinstance(turn, dict):
+            raise UnusableSampleError(f"a conversation turn is a {type(turn).__name__}, not a dict")
+        speaker = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        if isinstance(text, list):  # chat-message parts: the text parts
+            text = " ".join(part.get("text", "") for part in text if isinstance(part, dict) and part.get("type") == "text")
+        if not isinstance(text, str):
+            raise UnusableSampleError(f"a conversation turn of {speaker!r} has no text")
+        speakers.append(speaker)
+        texts.append(text)
+    expected = [_QUESTION_ROLES if index % 2 == 0 else _ANSWER_ROLES for index in range(len(speakers))]
+    if not speakers or len(speakers) % 2 or any(who not in roles for who, roles in zip(speakers, expected)):
+        raise UnusableSampleError(
+            f"the conversation's turns {speakers} do not alternate question (human/user) and answer (gpt/assistant), "
+            "starting with a question and ending with an answer"
+        )
+    return list(zip(texts[0::2], texts[1::2]))
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
@@ -263,8 +362,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
     taken by the next readable sample, so batches keep their size and every process sees the same data.
 
     Args:
-        records: rows with an image, a text and optionally an id, in the columns `columns` names.
-        columns: `{"image": name, "text": name, "id": name or None}`.
+        records: rows with an image, a text and optionally an id, instruction or conversation, in the columns
+            `columns` names.
+        columns: `{"image": name, "text": name, "id": name or None}`, optionally `"instruction"` and
+            `"conversation"` (see `row_to_record`).
         formatter: the per-sample formatting.
         seed: seeds the per-sample crop and prompt draws (with the epoch, see `sample_rng`).
         base_dir: where relative image paths start.
@@ -289,10 +390,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def record_at(self, index: int) -> dict:
-        row = self.records[index]
-        id_column = self.columns.get("id")
-        sample_id = row[id_column] if id_column else index
-        return {"image": row[self.columns["image"]], "text": row[self.columns["text"]], "sample_id": str(sample_id)}
+        return row_to_record(self.records[index], self.columns, index)
 
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self)):
@@ -376,6 +474,9 @@ class TrainingData:
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_path", "file_name", "path")
 TEXT_COLUMN_CANDIDATES = ("caption", "text", "description", "answer", "txt", "caption_en")
 ID_COLUMN_CANDIDATES = ("image_id", "id", "__key__", "key")
+# A task instruction per row (MiniGPT-v2's `instruction_input`), and a multi-turn conversation per row.
+INSTRUCTION_COLUMN_CANDIDATES = ("instruction", "instruction_input", "question")
+CONVERSATION_COLUMN_CANDIDATES = ("conversations", "conversation", "messages")
 WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -383,10 +484,36 @@ def _record_features():
     import datasets
 
     return datasets.Features({"image": datasets.Image(decode=False), "text": datasets.Value("string"),
+                              "instruction": datasets.Value("string"), "conversation": datasets.Value("string"),
                               "sample_id": datasets.Value("string")})
 
 
-def _pick_column(names: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, source: str) -> str:
+def row_to_record(row: dict, columns: dict[str, str | None], index: int, base_dir: str | None = None) -> dict:
+    """
+    One data row as a training record: `{"image", "text", "instruction", "conversation", "sample_id"}`, each from the
+    column `columns` names for it (None: absent). The conversation is kept as JSON text (one type for every source
+    of a mixture); `conversation_turns` reads it. With `base_dir`, relative image paths are made absolute.
+    """
+    def column(name: str):
+        return row[columns[name]] if columns.get(name) else None
+
+    image = column("image")
+    if isinstance(image, str):
+        image = {"bytes": None, "path": image}
+    if base_dir is not None and isinstance(image, dict) and image.get("path") and not image.get("bytes"):
+        path = Path(image["path"])
+        if not path.is_absolute() and not path.exists():
+            image = {"bytes": None, "path": str(Path(base_dir) / path)}
+    conversation = column("conversation")
+    if conversation is not None and not isinstance(conversation, str):
+        conversation = json.dumps(conversation, ensure_ascii=False)
+    sample_id = column("id")
+    return {"image": image, "text": column("text"), "instruction": column("instruction"),
+            "conversation": conversation, "sample_id": str(index if sample_id is None else sample_id)}
+
+
+def _pick_column(names: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, source: str,
+                 required: bool = True) -> str | None:
     if wanted:
         if wanted not in names:
             raise ValueError(f"{source} has no column {wanted!r} (the {what} column); its columns: {list(names)}.")
@@ -394,6 +521,8 @@ def _pick_column(names: Sequence[str], wanted: str | None, candidates: Sequence[
     for candidate in candidates:
         if candidate in names:
             return candidate
+    if not required:
+        return None
     raise ValueError(
         f"Cannot tell which column of {source} holds the {what}; its columns: {list(names)}. "
         f"Name it with --{what}_column."
@@ -418,7 +547,7 @@ def load_cc_sbu_align(folder: str | os.PathLike, skipped: SkippedImages | None =
             '{"annotations": [{"image_id": "2", "caption": "..."}, ...]}.'
         ) from None
     skipped = skipped if skipped is not None else SkippedImages()
-    rows = {"image": [], "text": [], "sample_id": []}
+    rows = {"image": [], "text": [], "instruction": [], "conversation": [], "sample_id": []}
     for entry in annotations:
         image_id = str(entry["image_id"])
         path = folder / "image" / f"{image_id}.jpg"
@@ -427,26 +556,33 @@ def load_cc_sbu_align(folder: str | os.PathLike, skipped: SkippedImages | None =
             continue
         rows["image"].append({"bytes": None, "path": str(path.resolve())})
         rows["text"].append(entry["caption"])
+        rows["instruction"].append(None)
+        rows["conversation"].append(None)
         rows["sample_id"].append(image_id)
     return datasets.Dataset.from_dict(rows, features=_record_features())
 
 
 def load_image_text_source(path: str, image_column: str | None = None, text_column: str | None = None,
-                           skipped: SkippedImages | None = None) -> tuple[Any, dict[str, str | None], str | None]:
+                           skipped: SkippedImages | None = None, instruction_column: str | None = None,
+                           conversation_column: str | None = None) -> tuple[Any, dict[str, str | None], str | None]:
     """
     Opens one data source as a `datasets` dataset without decoding its images.
 
     `path` is a `cc_sbu_align` folder, a folder / glob / `{000..999}` pattern / file of webdataset `.tar` shards
     (`jpg` + `json` with a `caption` field or `txt`), a dataset saved with `save_to_disk`, a data file or folder
-    `datasets.load_dataset` reads (json, csv, parquet, imagefolder), or a Hub dataset id.
+    `datasets.load_dataset` reads (json, csv, parquet, imagefolder), or a Hub dataset id. Rows of data files and
+    datasets may hold a task instruction (prompting the sample with it) or a multi-turn conversation (LLaVA's
+    `conversations`, or chat `messages`) instead of a caption; rows with those need no image (text-only samples).
 
     Returns:
         `(dataset, columns, base_dir)`: a map-style `datasets.Dataset` or a streaming `datasets.IterableDataset`;
-        `columns` = `{"image", "text", "id"}` column names in it; `base_dir` = where relative image paths start.
+        `columns` = `{"image", "text", "instruction", "conversation", "id"}` column names in it (None: absent);
+        `base_dir` = where relative image paths start.
     """
     import datasets
 
-    record_columns = {"image": "image", "text": "text", "id": "sample_id"}
+    record_columns = {"image": "image", "text": "text", "instruction": "instruction", "conversation": "conversation",
+                      "id": "sample_id"}
     if os.path.isfile(os.path.join(path, "filter_cap.json")):
         return load_cc_sbu_align(path, skipped), record_columns, None
 
@@ -465,7 +601,8 @@ def load_image_text_source(path: str, image_column: str | None = None, text_colu
                 text = row.get(text_column)
             else:
                 text = (row.get("json") or {}).get("caption") or row.get("txt")
-            return {"image": row.get(image_key), "text": text, "sample_id": f"{row['__url__']}#{row['__key__']}"}
+            return {"image": row.get(image_key), "text": text, "instruction": None, "conversation": None,
+                    "sample_id": f"{row['__url__']}#{row['__key__']}"}
 
         stream = stream.map(to_record, remove_columns=names, features=_record_features())
         return stream, record_columns, None
@@ -498,12 +635,19 @@ def load_image_text_source(path: str, image_column: str | None = None, text_colu
             raise ValueError(f"{path} has the splits {list(dataset)} but no 'train' split.")
         dataset = dataset["train"]
     names = dataset.column_names
+    conversation = _pick_column(names, conversation_column, CONVERSATION_COLUMN_CANDIDATES, "conversation", path,
+                                required=False)
+    instruction = _pick_column(names, instruction_column, INSTRUCTION_COLUMN_CANDIDATES, "instruction", path,
+                               required=False)
     columns = {
-        "image": _pick_column(names, image_column, IMAGE_COLUMN_CANDIDATES, "image", path),
-        "text": _pick_column(names, text_column, TEXT_COLUMN_CANDIDATES, "text", path),
+        "image": _pick_column(names, image_column, IMAGE_COLUMN_CANDIDATES, "image", path,
+                              required=not (conversation or instruction)),
+        "text": _pick_column(names, text_column, TEXT_COLUMN_CANDIDATES, "text", path, required=not conversation),
+        "instruction": instruction,
+        "conversation": conversation,
         "id": next((name for name in ID_COLUMN_CANDIDATES if name in names), None),
     }
-    if isinstance(dataset.features.get(columns["image"]), datasets.Image):
+    if columns["image"] and isinstance(dataset.features.get(columns["image"]), datasets.Image):
         dataset = dataset.cast_column(columns["image"], datasets.Image(decode=False))
     return dataset, columns, base_dir
 
@@ -516,6 +660,8 @@ def build_training_dataset(
     text_column: str | None = None,
     seed: int = 42,
     shuffle_buffer: int = 1000,
+    instruction_column: str | None = None,
+    conversation_column: str | None = None,
 ) -> TrainingData:
     """
     The training data over one or more sources (see `load_image_text_source`).
@@ -538,7 +684,10 @@ def build_training_dataset(
     if any(ratio <= 0 for ratio in ratios):
         raise ValueError(f"--data_ratios must be positive, got {ratios}.")
     skipped = SkippedImages()
-    sources = [load_image_text_source(path, image_column, text_column, skipped) for path in data_paths]
+    sources = [
+        load_image_text_source(path, image_column, text_column, skipped, instruction_column, conversation_column)
+        for path in data_paths
+    ]
 
     if len(sources) == 1 and not isinstance(sources[0][0], datasets.IterableDataset):
         dataset, columns, base_dir = sources[0]
@@ -563,21 +712,13 @@ def build_training_dataset(
 
 
 def _records_stream(dataset, columns: dict[str, str | None], base_dir: str | None):
-    """A map-style dataset as a stream of records (image paths made absolute), for mixing with shards."""
+    """A map-style dataset as a stream of records (image paths made absolute), for mixing with other sources."""
 
-    def row_to_record(row: dict, index: int) -> dict:
-        image = row[columns["image"]]
-        if isinstance(image, str):
-            image = {"bytes": None, "path": image}
-        if base_dir is not None and isinstance(image, dict) and image.get("path") and not image.get("bytes"):
-            path = Path(image["path"])
-            if not path.is_absolute() and not path.exists():
-                image = {"bytes": None, "path": str(Path(base_dir) / path)}
-        sample_id = row[columns["id"]] if columns.get("id") else index
-        return {"image": image, "text": row[columns["text"]], "sample_id": str(sample_id)}
+    def indexed_row_to_record(row: dict, index: int) -> dict:
+        return row_to_record(row, columns, index, base_dir)
 
     stream = dataset.to_iterable_dataset(num_shards=min(64, max(1, len(dataset))))
-    return stream.map(row_to_record, with_indices=True, remove_columns=list(dataset.column_names),
+    return stream.map(indexed_row_to_record, with_indices=True, remove_columns=list(dataset.column_names),
                       features=_record_features())
 
 
@@ -589,8 +730,9 @@ def _records_stream(dataset, columns: dict[str, str | None], base_dir: str | Non
 class TrainingCollator:
     """
     Batches formatted samples with the processor's `suffix=` path: `input_ids` = [BOS] prompt (image tokens inside)
-    target, right padded; `labels` = the target tokens (end symbol included, cut to `max_txt_len` tokens as the
-    original did), -100 elsewhere; `pixel_values` from the (already cropped) images.
+    target, right padded; `labels` = the target's answer tokens (end symbol included, cut to `max_txt_len` tokens as
+    the original did; a conversation's later questions unlabelled), -100 elsewhere; `pixel_values` from the (already
+    cropped) images of the samples that have one.
     """
 
     processor: Any
@@ -604,8 +746,11 @@ class TrainingCollator:
                 f"The collator needs the sample fields {needed}, got {keys}. Trainer removed them: set "
                 "remove_unused_columns=False (minigpt4-train does)."
             )
+        images = [sample["image"] for sample in samples]
+        if any(image is None for image in images):  # text-only samples: the images row by row
+            images = [[] if image is None else [image] for image in images]
         batch = self.processor(
-            images=[sample["image"] for sample in samples],
+            images=images,
             text=[sample["prompt"] for sample in samples],
             suffix=[sample["target"] for sample in samples],
             max_txt_len=self.max_txt_len,
@@ -783,20 +928,21 @@ def projection_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def lora_target_module_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """
-    The full names of the `nn.Linear` layers inside `model.language_model` whose last name part is in `targets`
-    (`"all-linear"` = every Linear but the output head), so LoRA never touches the ViT, Q-Former or projection.
+    The full names of the `nn.Linear` layers inside `model.language_model` (the decoder, without the output head)
+    whose last name part is in `targets` (`"all-linear"` = every one), so LoRA never touches the ViT, Q-Former,
+    projection or head.
     """
     language_model = model.language_model
-    head = language_model.get_output_embeddings() if hasattr(language_model, "get_output_embeddings") else None
+    prefix = next(name for name, module in model.named_modules() if module is language_model)
     linear = {name: module for name, module in language_model.named_modules() if isinstance(module, nn.Linear)}
     if list(targets) == ["all-linear"]:
-        chosen = [name for name, module in linear.items() if module is not head]
+        chosen = list(linear)
     else:
         chosen = [name for name in linear if name.rsplit(".", 1)[-1] in set(targets)]
     if not chosen:
         available = sorted({name.rsplit(".", 1)[-1] for name in linear})
         raise ValueError(f"No language-model Linear layer is named {list(targets)}; its Linear layers: {available}.")
-    return [f"language_model.{name}" for name in chosen]
+    return [f"{prefix}.{name}" for name in chosen]
 
 
 def prepare_model_for_training(
@@ -818,9 +964,8 @@ def prepare_model_for_training(
     Returns:
         The model, wrapped in a `peft.PeftModel` when LoRA is on.
     """
-    if unfreeze_qformer:
-        model.config.freeze_qformer = False
-    model.apply_freezing()
+    # The model decides what gets gradients (and what runs in eval mode); only the Q-Former is switched, for this run.
+    model.apply_freezing(freeze_qformer=False if unfreeze_qformer else None)
     if projection_file is not None:
         init_projection(model, projection_file)
     trainable_modules = [model.language_projection] + ([model.qformer] if unfreeze_qformer else [])
@@ -837,9 +982,8 @@ def prepare_model_for_training(
     if unfreeze_qformer:
         logger.warning("With LoRA, --unfreeze_qformer trains the Q-Former layers; the query tokens stay frozen "
                        "(PEFT saves modules, not bare parameters).")
-    # The language model must follow train()/eval() so that LoRA dropout works; its own weights stay frozen (PEFT
-    # freezes every base parameter).
-    model.config.freeze_language_model = False
+    # PEFT freezes every base parameter; the LoRA layers hold trainable ones, so they follow train()/eval() (their
+    # dropout is active while training) while the frozen weights around them stay in eval mode (see the config).
     lora_config = LoraConfig(
         r=lora_r,
         lora_alpha=lora_alpha,
@@ -873,17 +1017,14 @@ def save_projection_file(projection: dict[str, torch.Tensor], path: str | os.Pat
 
 
 def save_trained_model(model: nn.Module, processor, output_dir: str | os.PathLike, *, merge_lora: bool = False,
-                       freeze_flags: dict[str, bool] | None = None, metadata: dict[str, str] | None = None) -> nn.Module:
+                       metadata: dict[str, str] | None = None) -> nn.Module:
     """
     Writes the final result into `output_dir` (next to the Trainer's `checkpoint-*` folders): a complete HF folder
     (safetensors, config with `auto_map`, code files, processor), and `language_projection.safetensors` (the trained
     projection alone). LoRA adapters are merged into the weights with `merge_lora`; otherwise the folder holds the
     base language model and the adapters go to `output_dir/lora_adapter` (load them with `model.load_adapter`).
-    Everything is written to a temporary folder first and then moved in (`atomic_path(..., merge=True)`).
-
-    Args:
-        freeze_flags: the `freeze_*` config values to write (the loaded model's), so that the saved model trains or
-            freezes the same parts by default as the one training started from.
+    Everything is written to a temporary folder first and then moved in (`atomic_path(..., merge=True)`). The config
+    is saved as loaded: training switches parts on through `apply_freezing` arguments, never through the config.
 
     Returns:
         The plain `MiniGPT4ForConditionalGeneration` that was saved (LoRA merged or removed).
@@ -896,8 +1037,6 @@ def save_trained_model(model: nn.Module, processor, output_dir: str | os.PathLik
             else:
                 model.save_pretrained(staging / "lora_adapter")
                 model = model.unload()
-        for name, value in (freeze_flags or {}).items():
-            setattr(model.config, name, value)
         model._keys_to_ignore_on_save = None
         embedding_dtype = model.get_input_embeddings().weight.dtype
         model.language_projection.to(embedding_dtype)
@@ -910,8 +1049,11 @@ def save_trained_model(model: nn.Module, processor, output_dir: str | os.PathLik
 
 __all__ = [
     "ALIGNMENT_PROMPTS",
+    "LLAMA2_PROMPT_TEMPLATE",
     "STAGE2_PROMPT_TEMPLATE",
     "STAGE_PRESETS",
+    "TRAINING_PRESETS",
+    "V2_PROMPT_TEMPLATE",
     "ImageTextDataset",
     "LinearWarmupCosineSchedule",
     "MiniGPT4Trainer",
@@ -924,6 +1066,7 @@ __all__ = [
     "TrainingImageTransform",
     "build_training_dataset",
     "clean_caption",
+    "conversation_turns",
     "expand_prompts",
     "init_projection",
     "load_cc_sbu_align",
@@ -931,5 +1074,6 @@ __all__ = [
     "load_projection_weights",
     "prepare_model_for_training",
     "random_resized_crop_box",
+    "row_to_record",
     "save_trained_model",
 ]

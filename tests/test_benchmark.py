@@ -57,7 +57,7 @@ def test_training_step_allocates_no_gradients_for_frozen_weights(tiny, example_i
     projection = model.language_projection
     assert held["frozen"] == 0
     assert held["trainable"] == sum(p.numel() * p.element_size() for p in projection.parameters())
-    assert all(p.grad is None for name, p in model.named_parameters() if not name.startswith("language_projection"))
+    assert all(p.grad is None for name, p in model.named_parameters() if not name.startswith("model.language_projection"))
 
 
 def test_frozen_vision_model_and_qformer_run_without_autograd_while_training(tiny, example_image):
@@ -76,7 +76,7 @@ def test_switching_the_no_grad_encoders_off_runs_them_in_grad_mode_with_equal_fe
     pixel_values = training_batch(processor, example_image, batch_size=1)["pixel_values"]
     vision_calls = count_calls(model.vision_model)
     with_switch = model.get_image_features(pixel_values)
-    model.frozen_encoders_without_grad = False
+    model.model.frozen_encoders_without_grad = False
     without_switch = model.get_image_features(pixel_values)
 
     assert vision_calls == [False, True]

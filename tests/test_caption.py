@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 import minigpt4_hf.cli.caption as caption
 from minigpt4_hf.cli.options import UserError
 from minigpt4_hf.inference import answer_batch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, write_image_bomb, write_truncated_png
 
 
 GREEDY = {"max_new_tokens": 5, "num_beams": 1, "do_sample": False, "repetition_penalty": 1.0}
@@ -33,6 +34,27 @@ def make_images(folder, count: int) -> list[str]:
 def read_lines(path) -> list[dict]:
     with open(path, encoding="utf-8") as file:
         return [json.loads(line) for line in file]
+
+
+class PeakResidentMemory:
+    """Samples this process's resident memory every 5 ms while the block runs; `growth_mb`: the peak minus the start."""
+
+    def __enter__(self):
+        psutil = pytest.importorskip("psutil")
+        self.process, self.stop = psutil.Process(), threading.Event()
+        self.start = self.peak = self.process.memory_info().rss
+        self.sampler = threading.Thread(target=self._sample, daemon=True)
+        self.sampler.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc_info):
+        self.stop.set()
+        self.sampler.join()
+        self.growth_mb = (max(self.peak, self.process.memory_info().rss) - self.start) / 2**20
 
 
 def run_caption(model_dir, images, output, *extra) -> int:
@@ -78,6 +100,55 @@ def test_unreadable_images_get_an_error_line_instead_of_an_answer(tiny_saved_dir
     assert "answer" not in lines[str(broken)]
     assert "cannot identify image file" in lines[str(broken)]["error"]
     assert all("answer" in lines[path] and "error" not in lines[path] for path in good)
+
+
+def test_bombs_broken_and_empty_files_get_one_line_errors_and_the_batch_goes_on_in_bounded_memory(
+    tiny_saved_dir, tmp_path
+):
+    folder = tmp_path / "images"
+    good = make_images(folder, 2)
+    bad = {"bomb.png": write_image_bomb, "cut.png": write_truncated_png,
+           "empty.jpg": lambda path: path.write_bytes(b"")}
+    for name, write in bad.items():
+        write(folder / name)
+    output = tmp_path / "captions.jsonl"
+
+    with PeakResidentMemory() as memory:
+        assert run_caption(tiny_saved_dir, folder, output, "--batch-size", 5) == 0
+
+    lines = {os.path.basename(line["image"]): line for line in read_lines(output)}
+    assert all("answer" in lines[os.path.basename(path)] for path in good)
+    for name in bad:
+        assert "answer" not in lines[name] and name in lines[name]["error"] and "\n" not in lines[name]["error"]
+    assert memory.growth_mb < 200  # decoding the 400-megapixel bomb alone would take 400 MB, 1.2 GB as RGB
+
+
+def test_a_prompt_file_of_ten_thousand_questions_is_refused_in_one_line_in_bounded_memory(tiny_saved_dir, tmp_path):
+    make_images(tmp_path / "images", 1)
+    questions = tmp_path / "questions.txt"
+    questions.write_text("\n".join(f"Question {number}: what is in the image?" for number in range(10_000)))
+    output = tmp_path / "captions.jsonl"
+
+    with PeakResidentMemory() as memory, pytest.raises(UserError) as refusal:
+        run_caption(tiny_saved_dir, tmp_path / "images", output, "--prompt-file", questions)
+
+    message = str(refusal.value)
+    assert message.startswith(f"--prompt-file {questions}: The prompt takes ") and "\n" not in message
+    assert "more than the model's 2048-token context" in message
+    assert not output.exists()
+    assert memory.growth_mb < 200
+
+
+def test_a_prompt_file_holds_the_question_for_every_image(tiny_saved_dir, tmp_path):
+    make_images(tmp_path / "images", 1)
+    question = tmp_path / "question.txt"
+    question.write_text("What is unusual\nabout this image?\n")
+    output = tmp_path / "captions.jsonl"
+
+    run_caption(tiny_saved_dir, tmp_path / "images", output, "--prompt-file", question)
+
+    (line,) = read_lines(output)
+    assert line["prompt"] == "What is unusual\nabout this image?" and "answer" in line
 
 
 def test_glob_matches_are_captioned_and_non_images_among_them_get_errors(tiny_saved_dir, tmp_path):

@@ -1,5 +1,6 @@
 """minigpt4-chat and the shared inference logic (minigpt4_hf.inference): the original Chat on generate()."""
 
+import io
 import os
 import subprocess
 import sys
@@ -270,6 +271,36 @@ def test_long_conversations_drop_the_oldest_turns_with_a_notice(tiny_shared):
     assert conversation.last_prompt.count("<ImageHere>") == 1
     prompt_tokens = processor(images=conversation.images, text=conversation.last_prompt)["input_ids"][0]
     assert len(prompt_tokens) + GREEDY["max_new_tokens"] <= budget
+
+
+def test_a_prompt_longer_than_the_context_is_one_error_line(tiny_saved_dir):
+    with pytest.raises(UserError) as refusal:
+        chat.main(["--model", str(tiny_saved_dir), "--image", str(EXAMPLE_IMAGE), "--no-sample",
+                   "--prompt", " ".join(["word"] * 3000)])
+    message = str(refusal.value)
+    assert "more than the 2000-token context" in message and "\n" not in message
+
+
+def test_an_interactive_chat_outgrowing_the_context_drops_the_oldest_turns_and_says_so(
+    tiny_saved_dir, tiny_shared, monkeypatch, capsys
+):
+    questions = ["What is in this image?", "Where is it?", "What colour is it?"]
+    conversation = Conversation(*tiny_shared, generation_kwargs=GREEDY, context_budget=10_000)
+    conversation.upload_image(EXAMPLE_IMAGE)
+    for question in questions:
+        conversation.ask(question)
+        conversation.answer()
+    full_prompt = tiny_shared[1](images=conversation.images, text=conversation.last_prompt)["input_ids"][0]
+    budget = len(full_prompt) + GREEDY["max_new_tokens"] - 1  # every turn but the last fits
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(questions) + "\n"))
+
+    status = chat.main(["--model", str(tiny_saved_dir), "--image", str(EXAMPLE_IMAGE), "--no-sample",
+                        "--max-new-tokens", str(GREEDY["max_new_tokens"]), "--max-context-tokens", str(budget)])
+
+    notices = capsys.readouterr().err
+    assert status == 0
+    assert f"The conversation no longer fits the {budget}-token context" in notices
+    assert "dropped the oldest 1 turn(s)" in notices
 
 
 def test_a_question_too_long_for_the_context_is_refused_and_withdrawn(tiny_shared):

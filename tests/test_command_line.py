@@ -16,8 +16,9 @@ import safetensors.torch
 import torch
 
 from conftest import REPO_ROOT
-from minigpt4_hf.cli import build_stage2_data, caption, chat, convert, demo, quickstart, train
+from minigpt4_hf.cli import benchmark_conversion, build_stage2_data, caption, chat, convert, demo, demo_load_test
 from minigpt4_hf.cli import benchmark as benchmark_cli
+from minigpt4_hf.cli import quickstart, train
 from minigpt4_hf.random_models import EXAMPLE_IMAGE
 
 
@@ -28,12 +29,15 @@ TOOLS = {  # console entry point -> module in minigpt4_hf.cli
     "minigpt4-chat": "chat",
     "minigpt4-caption": "caption",
     "minigpt4-demo": "demo",
+    "minigpt4-demo-load-test": "demo_load_test",
     "minigpt4-build-stage2-data": "build_stage2_data",
     "minigpt4-benchmark": "benchmark",
+    "minigpt4-benchmark-conversion": "benchmark_conversion",
 }
 MAINS = {"minigpt4-quickstart": quickstart.main, "minigpt4-convert": convert.main, "minigpt4-train": train.main,
          "minigpt4-chat": chat.main, "minigpt4-caption": caption.main, "minigpt4-demo": demo.main,
-         "minigpt4-build-stage2-data": build_stage2_data.main, "minigpt4-benchmark": benchmark_cli.main}
+         "minigpt4-demo-load-test": demo_load_test.main, "minigpt4-build-stage2-data": build_stage2_data.main,
+         "minigpt4-benchmark": benchmark_cli.main, "minigpt4-benchmark-conversion": benchmark_conversion.main}
 HEAVY_PACKAGES = ("torch", "transformers", "datasets", "gradio", "peft", "accelerate")
 HELP_PROBE = """
 import runpy, sys
@@ -116,7 +120,7 @@ def test_help_gives_every_optional_flag_its_default(tool, capsys, monkeypatch):
         assert "(default" in entries[flag], entries[flag]
 
 
-@pytest.mark.parametrize("tool", ["minigpt4-chat", "minigpt4-caption", "minigpt4-demo",
+@pytest.mark.parametrize("tool", ["minigpt4-chat", "minigpt4-caption", "minigpt4-demo", "minigpt4-demo-load-test",
                                   "minigpt4-build-stage2-data", "minigpt4-train", "minigpt4-convert"])
 def test_dtype_takes_the_same_choices_in_every_tool(tool, capsys, monkeypatch):
     assert "--dtype {auto,float32,bfloat16,float16}" in help_text(tool, capsys, monkeypatch)
@@ -192,6 +196,10 @@ BAD_INPUT = {  # case -> ([module in minigpt4_hf.cli, *argv], the start of the o
         ["demo", "--model", "./model"],
         "minigpt4-demo: error: --model ./model: no such folder.",
     ),
+    "missing model folder of the demo load test": (
+        ["demo_load_test", "--model", "./model", "--sessions", "2"],
+        "minigpt4-demo-load-test: error: --model ./model: no such folder.",
+    ),
     "missing image of the quickstart": (
         ["quickstart", "--image", "photo.jpg", "--output-dir", "tiny"],
         "minigpt4-quickstart: error: --image photo.jpg: no such file.",
@@ -223,7 +231,7 @@ BAD_INPUT = {  # case -> ([module in minigpt4_hf.cli, *argv], the start of the o
         "minigpt4-chat: error: --model run/checkpoint-3 is a Trainer checkpoint (step 3: trained weights and optimizer "
         "state only), not a full model. Use the run's --output-dir (the full model is written there when the run "
         "ends; finish a stopped run with minigpt4-train, the same flags and --resume run/checkpoint-3), or see "
-        "docs/command-line.md, 'Trainer checkpoints'.",
+        "docs/training.md, 'A full model from a Trainer checkpoint folder'.",
     ),
     "missing stage-1 model of the stage-2 builder": (
         ["build_stage2_data", "--steps", "describe", "--images", "cc_sbu_align/image", "--model",

@@ -1,10 +1,11 @@
 """MiniGPT4ForConditionalGeneration: the data path, the loss, freezing, saving and loading, generation."""
 
 import pytest
+import safetensors.torch
 import torch
 from transformers import AutoModelForImageTextToText
 
-from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
+from modeling_minigpt4 import MiniGPT4ForConditionalGeneration, MiniGPT4Model
 
 
 QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
@@ -111,6 +112,45 @@ def test_float32_pixels_work_with_a_bfloat16_model(tiny, example_image):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Backbone and head
+
+
+def test_backbone_returns_the_hidden_states_that_the_head_turns_into_logits(tiny_shared, example_image):
+    model, processor = tiny_shared
+    inputs = chat_inputs(processor, [example_image])
+    hidden = model.model(**inputs)
+    assert hidden.last_hidden_state.shape == (*inputs["input_ids"].shape, model.config.text_config.hidden_size)
+    assert hidden.image_features.shape == (1, 6, 64)
+    assert hidden.past_key_values.get_seq_length() == inputs["input_ids"].shape[1]
+    torch.testing.assert_close(model.lm_head(hidden.last_hidden_state), model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_base_model_is_the_backbone_and_the_output_embeddings_are_the_head(tiny_shared):
+    model, _ = tiny_shared
+    assert model.base_model is model.model and isinstance(model.model, MiniGPT4Model)
+    assert model.get_output_embeddings() is model.lm_head
+    assert model.get_decoder() is model.language_model is model.model.language_model
+    assert model.get_input_embeddings() is model.language_model.get_input_embeddings()
+
+
+def test_logits_to_keep_scores_only_the_last_positions(tiny_shared, example_image):
+    model, processor = tiny_shared
+    inputs = chat_inputs(processor, [example_image])
+    torch.testing.assert_close(model(**inputs, logits_to_keep=2).logits, model(**inputs).logits[:, -2:])
+
+
+def test_tied_word_embeddings_share_the_head_with_the_input_embeddings(tmp_path):
+    from minigpt4_hf.random_models import build_random_model
+
+    model, _ = build_random_model("tiny", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    model.save_pretrained(tmp_path)
+    reloaded = MiniGPT4ForConditionalGeneration.from_pretrained(tmp_path)
+    assert reloaded.lm_head.weight is reloaded.get_input_embeddings().weight
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Loss
 
 
@@ -134,6 +174,36 @@ def test_loss_honours_num_items_in_batch_for_gradient_accumulation(tiny_shared, 
     torch.testing.assert_close(summed_over_twice_as_many, mean_loss / 2)
 
 
+def with_image_ids_in_labels(inputs, image_token_id: int) -> torch.LongTensor:
+    """The labels a collator that copies `input_ids` (TRL's) gives: the image placeholders are left in."""
+    image_positions = inputs["input_ids"] == image_token_id
+    return torch.where(image_positions, inputs["input_ids"], inputs["labels"])
+
+
+def test_image_token_labels_count_as_ignored(tiny_shared, example_image):
+    model, processor = tiny_shared
+    inputs = processor(images=[example_image] * 2, text=["<ImageHere>", "<ImageHere> a cat"],
+                       suffix=["a photo of an astronaut\n", "looks\n"], max_txt_len=32, return_tensors="pt")
+    labels = with_image_ids_in_labels(inputs, model.config.image_token_id)
+    assert (labels == model.config.image_token_id).sum() == 2 * model.config.num_query_tokens
+    assert torch.equal(model(**{**inputs, "labels": labels}).loss, model(**inputs).loss)
+
+
+def test_labels_reach_a_replaced_forward_with_image_positions_ignored(tiny, example_image):
+    model, processor = tiny
+    inputs = processor(images=[example_image] * 2, text=["<ImageHere>", "<ImageHere> a cat"],
+                       suffix=["a photo\n", "looks\n"], return_tensors="pt")
+    received = {}
+
+    def replaced_forward(*args, labels=None, **kwargs):  # as trainers do (TRL's fused LM head)
+        received["labels"] = labels
+        return "output"
+
+    model.forward = replaced_forward
+    assert model(**{**inputs, "labels": with_image_ids_in_labels(inputs, model.config.image_token_id)}) == "output"
+    assert torch.equal(received["labels"], inputs["labels"])  # padding and prompt stay -100, targets unchanged
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Freezing
 
@@ -144,7 +214,7 @@ def trainable_names(model):
 
 def test_only_the_projection_trains_by_default(tiny_shared):
     model, _ = tiny_shared
-    assert trainable_names(model) == {"language_projection.weight", "language_projection.bias"}
+    assert trainable_names(model) == {"model.language_projection.weight", "model.language_projection.bias"}
 
 
 def test_config_switches_unfreeze_each_part(tiny_shared):
@@ -152,10 +222,10 @@ def test_config_switches_unfreeze_each_part(tiny_shared):
 
     model, _ = build_random_model("tiny", freeze_qformer=False, freeze_vision_model=False)
     names = trainable_names(model)
-    assert "query_tokens" in names
-    assert any(name.startswith("qformer.") for name in names)
-    assert any(name.startswith("vision_model.") for name in names)
-    assert not any(name.startswith("language_model.") for name in names)
+    assert "model.query_tokens" in names
+    assert any(name.startswith("model.qformer.") for name in names)
+    assert any(name.startswith("model.vision_model.") for name in names)
+    assert not any(name.startswith(("model.language_model.", "lm_head.")) for name in names)
 
 
 def test_frozen_modules_stay_in_eval_mode_after_train(tiny):
@@ -164,6 +234,57 @@ def test_frozen_modules_stay_in_eval_mode_after_train(tiny):
     assert model.training and model.language_projection.training
     for part in (model.vision_model, model.qformer, model.language_model):
         assert not any(module.training for module in part.modules())
+
+
+def test_apply_freezing_arguments_override_the_config_for_that_call_only(tiny):
+    model, _ = tiny
+    model.apply_freezing(freeze_qformer=False)
+    assert {name.split(".")[1] for name in trainable_names(model)} == {"language_projection", "qformer", "query_tokens"}
+    assert all(parameter.requires_grad for parameter in model.qformer.parameters())
+    assert model.config.freeze_qformer is True
+    model.apply_freezing()
+    assert trainable_names(model) == {"model.language_projection.weight", "model.language_projection.bias"}
+
+
+def test_a_part_unfrozen_for_a_run_trains_in_train_mode(tiny):
+    model, _ = tiny
+    model.apply_freezing(freeze_qformer=False)
+    model.train()
+    assert all(module.training for module in model.qformer.modules())
+    assert not model.vision_model.training and not model.language_model.training
+
+
+def test_frozen_modules_follow_train_mode_when_the_config_says_so(tiny):
+    model, _ = tiny
+    model.config.frozen_modules_in_eval_mode = False
+    model.train()
+    assert all(module.training for module in model.modules())
+    assert trainable_names(model) == {"model.language_projection.weight", "model.language_projection.bias"}
+
+
+def test_lora_in_the_frozen_language_model_trains_with_its_dropout_active(tiny, example_image):
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = tiny
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"],
+                      modules_to_save=["language_projection"])
+    peft_model = get_peft_model(model, lora)
+    for name, parameter in peft_model.named_parameters():
+        if "lora_B" in name:  # zero at initialisation, when dropout before it changes nothing
+            torch.nn.init.normal_(parameter.data, std=0.5)
+    peft_model.train()
+    attention = model.language_model.layers[0].self_attn
+    assert attention.q_proj.lora_dropout["default"].training and attention.q_proj.lora_A["default"].training
+    assert not attention.q_proj.base_layer.training and not attention.k_proj.training
+    assert not model.vision_model.training and not model.qformer.training
+    assert model.config.freeze_language_model is True
+
+    inputs = chat_inputs(processor, [example_image])
+    torch.manual_seed(0)
+    first, second = peft_model(**inputs).logits, peft_model(**inputs).logits
+    assert not torch.equal(first, second)  # dropout is on
+    peft_model.eval()
+    assert torch.equal(peft_model(**inputs).logits, peft_model(**inputs).logits)
 
 
 def test_an_optimizer_step_changes_only_the_projection(tiny, example_image):
@@ -175,14 +296,14 @@ def test_an_optimizer_step_changes_only_the_projection(tiny, example_image):
     model(**inputs).loss.backward()
     optimizer.step()
     changed = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
-    assert changed == {"language_projection.weight", "language_projection.bias"}
+    assert changed == {"model.language_projection.weight", "model.language_projection.bias"}
     frozen_with_grads = [n for n, p in model.named_parameters() if p.grad is not None and not p.requires_grad]
     assert frozen_with_grads == []
 
 
 def test_freezing_holds_after_from_pretrained(tiny_saved_dir):
     model = AutoModelForImageTextToText.from_pretrained(tiny_saved_dir, trust_remote_code=True)
-    assert trainable_names(model) == {"language_projection.weight", "language_projection.bias"}
+    assert trainable_names(model) == {"model.language_projection.weight", "model.language_projection.bias"}
     model.train()
     assert not model.vision_model.training and not model.language_model.training
 
@@ -209,6 +330,61 @@ def test_save_and_load_round_trip_is_bit_exact(tiny_shared, tiny_saved_dir, exam
     assert all(torch.equal(original_state[name], reloaded_state[name]) for name in original_state)
     inputs = chat_inputs(processor, [example_image])
     assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
+
+
+def in_the_earlier_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as the converter and `save_pretrained` wrote them before the backbone/head split (the BLIP-2 layout)."""
+    earlier = {}
+    for key, tensor in state_dict.items():
+        if key.startswith("model.language_model."):
+            key = "language_model.model." + key.removeprefix("model.language_model.")
+        elif key.startswith("lm_head."):
+            key = "language_model." + key
+        else:
+            key = key.removeprefix("model.")
+        earlier[key] = tensor.contiguous()
+    return earlier
+
+
+@pytest.fixture(scope="module")
+def earlier_layout_dir(tiny_shared, tmp_path_factory):
+    model, processor = tiny_shared
+    folder = tmp_path_factory.mktemp("earlier_layout")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    safetensors.torch.save_file(in_the_earlier_layout(model.state_dict()), str(folder / "model.safetensors"),
+                                metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("auto", [False, True], ids=["class", "auto-remote-code"])
+def test_folder_in_the_earlier_layout_loads_with_identical_logits(tiny_shared, earlier_layout_dir, example_image,
+                                                                  auto):
+    model, processor = tiny_shared
+    assert "language_model.model.embed_tokens.weight" in safetensors.torch.load_file(
+        str(earlier_layout_dir / "model.safetensors"))
+    if auto:
+        loaded, info = AutoModelForImageTextToText.from_pretrained(earlier_layout_dir, trust_remote_code=True,
+                                                                   output_loading_info=True)
+    else:
+        loaded, info = MiniGPT4ForConditionalGeneration.from_pretrained(earlier_layout_dir, output_loading_info=True)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set())
+    inputs = chat_inputs(processor, [example_image])
+    assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
+def test_folder_in_the_earlier_layout_is_saved_again_in_the_current_one(tiny_shared, earlier_layout_dir, tmp_path):
+    model, _ = tiny_shared
+    MiniGPT4ForConditionalGeneration.from_pretrained(earlier_layout_dir).save_pretrained(tmp_path)
+    assert safetensors.torch.load_file(str(tmp_path / "model.safetensors")).keys() == model.state_dict().keys()
+
+
+def test_backbone_loads_alone_from_a_saved_folder(tiny_shared, tiny_saved_dir, example_image):
+    model, processor = tiny_shared
+    backbone = MiniGPT4Model.from_pretrained(tiny_saved_dir)
+    inputs = chat_inputs(processor, [example_image])
+    torch.testing.assert_close(backbone(**inputs).last_hidden_state, model.model(**inputs).last_hidden_state,
+                               rtol=0, atol=0)
 
 
 def test_sharded_safetensors_reload_to_the_same_weights(tiny_shared, tmp_path):
@@ -306,7 +482,16 @@ class TestPerRowStop:
     @pytest.fixture
     def model_and_batch(self, tiny, example_image):
         model, processor = tiny
-        batch = chat_inputs(processor, [example_image, example_image.rotate(180)], ["Describe it.", "Why?"])
+        prompts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                add_generation_prompt=True,
+            )
+            for question in ("Describe it.", "Why?")
+        ]
+        # A tiny random model barely looks at the prompt: the second answer is started so that the rows differ.
+        batch = processor(images=[example_image, example_image.rotate(180)], text=[prompts[0], prompts[1] + "Because"],
+                          return_tensors="pt")
         model.config.stop_token_ids = [[999_999]]  # unreachable: see the free-running continuations first
         free = new_tokens(model.generate(**batch, max_new_tokens=12, min_new_tokens=12, do_sample=False), batch)
         return model, batch, free

@@ -6,11 +6,11 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, features
 from transformers import AutoTokenizer
 
 from configuration_minigpt4 import DEFAULT_SYSTEM_PROMPT
-from conftest import ORIGINAL_TINY
+from conftest import ORIGINAL_TINY, write_image_bomb, write_truncated_png
 from processing_minigpt4 import (
     MiniGPT4Processor,
     load_rgb_image,
@@ -180,6 +180,76 @@ def test_alpha_is_dropped_not_composited_like_the_original():
 def test_sixteen_bit_images_are_scaled_not_clipped():
     image = Image.fromarray(np.full((2, 2), 32768, dtype=np.uint16))
     assert load_rgb_image(image).getpixel((0, 0)) == (128, 128, 128)
+
+
+def _palette_with_transparency() -> Image.Image:
+    image = Image.new("P", (6, 4), 1)
+    image.putpalette([0, 0, 0, 200, 30, 40] + [0] * 762)
+    image.info["transparency"] = 0
+    return image
+
+
+def _animated_gif(path) -> None:
+    frames = [Image.new("RGB", (6, 4), colour) for colour in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+def _exif_jpeg(path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotated 90 degrees
+    exif[0x010F] = "camera maker"
+    Image.new("RGB", (6, 4), (90, 120, 200)).save(path, exif=exif)
+
+
+IMAGE_FILES = {  # file name -> writer
+    "grayscale.jpg": lambda path: Image.new("L", (6, 4), 120).save(path),
+    "rgba.png": lambda path: Image.new("RGBA", (6, 4), (10, 20, 30, 0)).save(path),
+    "la.png": lambda path: Image.new("LA", (6, 4), (70, 0)).save(path),
+    "palette_with_transparency.png": lambda path: _palette_with_transparency().save(path),
+    "palette_with_transparency.gif": lambda path: _palette_with_transparency().save(path),
+    "cmyk.jpg": lambda path: Image.new("CMYK", (6, 4), (0, 255, 255, 0)).save(path),
+    "sixteen_bit.png": lambda path: Image.fromarray(np.full((4, 6), 65535, dtype=np.uint16)).save(path),
+    "sixteen_bit.tiff": lambda path: Image.fromarray(np.full((4, 6), 65535, dtype=np.uint16)).save(path),
+    "animated.gif": _animated_gif,
+    "lossless.webp": lambda path: Image.new("RGB", (6, 4), (10, 200, 30)).save(path, lossless=True),
+    "exif.jpg": _exif_jpeg,
+}
+
+
+@pytest.mark.parametrize("name", IMAGE_FILES)
+def test_image_files_of_every_kind_decode_to_rgb(tmp_path, name):
+    if name.endswith(".webp") and not features.check("webp"):
+        pytest.skip("this Pillow has no WebP support")
+    path = tmp_path / name
+    IMAGE_FILES[name](path)
+
+    image = load_rgb_image(path)
+
+    assert image.mode == "RGB" and image.size == (6, 4)
+
+
+def test_an_animated_gif_gives_its_first_frame(tmp_path):
+    _animated_gif(tmp_path / "animated.gif")
+    assert load_rgb_image(tmp_path / "animated.gif").getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_a_sixteen_bit_file_is_scaled_not_clipped(tmp_path):
+    IMAGE_FILES["sixteen_bit.png"](tmp_path / "white.png")
+    assert load_rgb_image(tmp_path / "white.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("name, write, reason", [
+    ("truncated.png", write_truncated_png, "truncated"),
+    ("empty.jpg", lambda path: path.write_bytes(b""), "cannot identify image file"),
+    ("bomb.png", write_image_bomb, "exceeds limit"),  # 400 megapixels: refused before decoding
+])
+def test_broken_empty_and_huge_files_are_refused_in_one_line_naming_them(tmp_path, name, write, reason):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(ValueError) as refusal:
+        load_rgb_image(path)
+    message = str(refusal.value)
+    assert name in message and reason in message and "\n" not in message
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3000, 20)])

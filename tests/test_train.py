@@ -103,7 +103,7 @@ def model_dir(tmp_path_factory) -> Path:
     model, processor = build_random_model("tiny")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for parameter in model.language_model.parameters():
+        for parameter in [*model.language_model.parameters(), *model.lm_head.parameters()]:
             if parameter.ndim >= 2:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
     folder = tmp_path_factory.mktemp("sharp_tiny_minigpt4")
@@ -288,15 +288,25 @@ def test_weight_decay_goes_to_matrices_only(tiny):
     model, _ = tiny
     model = prepare_model_for_training(model, unfreeze_qformer=True)
     names = decay_parameter_names(model)
-    assert "language_projection.weight" in names and "query_tokens" in names
+    assert "model.language_projection.weight" in names and "model.query_tokens" in names
     assert not [name for name in names if name.endswith("bias") or "layernorm" in name.lower()]
-    assert not [name for name in names if not name.startswith(("language_projection", "qformer", "query_tokens"))]
+    assert not [name for name in names
+                if not name.startswith(("model.language_projection", "model.qformer", "model.query_tokens"))]
+
+
+def test_preparing_for_training_leaves_the_config_as_loaded(tiny):
+    model, _ = tiny
+    flags = {name: value for name, value in model.config.to_dict().items() if name.startswith("freeze")}
+    peft_model = prepare_model_for_training(model, unfreeze_qformer=True, lora_r=4, lora_alpha=8)
+    peft_model.train()
+    assert {name: value for name, value in model.config.to_dict().items() if name.startswith("freeze")} == flags
+    assert model.qformer.training and not model.vision_model.training
 
 
 def test_unfreeze_qformer_trains_the_qformer_and_query_tokens(tiny):
     model, _ = tiny
     model = prepare_model_for_training(model, unfreeze_qformer=True)
-    trainable = {name.split(".")[0] for name, parameter in model.named_parameters() if parameter.requires_grad}
+    trainable = {name.split(".")[1] for name, parameter in model.named_parameters() if parameter.requires_grad}
     assert trainable == {"language_projection", "qformer", "query_tokens"}
     model.train()
     assert model.qformer.training and not model.vision_model.training and not model.language_model.training
@@ -343,8 +353,8 @@ def test_command_line_flags_override_the_preset_in_either_spelling(model_dir, tm
 
 def test_help_shows_each_stage_presets_values():
     text = " ".join(train.build_parser().format_help().split())
-    assert "stage 1: 0.0001; stage 2: 3e-05" in text  # --learning-rate, not the Trainer's 5e-05
-    assert "stage 1: 32; stage 2: 160" in text  # --max-txt-len
+    assert "stage 1 (vicuna0, llama2): 0.0001; stage 2 (vicuna0, llama2): 3e-05" in text  # not the Trainer's 5e-05
+    assert "stage 1 (vicuna0, llama2): 32; stage 2 (vicuna0, llama2): 160; stage 3 (v2): 1024" in text
 
 
 def test_deepspeed_zero2_config_leaves_optimizer_and_schedule_to_the_trainer():
@@ -475,9 +485,9 @@ def test_only_the_projection_changes(stage2_run, model_dir):
     after = safetensors.torch.load_file(str(stage2_run["output_dir"] / "model.safetensors"))
     assert before.keys() == after.keys()
     changed = {key for key in before if not torch.equal(before[key], after[key])}
-    assert changed == {"language_projection.weight", "language_projection.bias"}
+    assert changed == {"model.language_projection.weight", "model.language_projection.bias"}
     projection = load_projection(stage2_run["output_dir"])
-    assert all(torch.equal(projection[key], after[key]) for key in projection)
+    assert all(torch.equal(projection[key], after[f"model.{key}"]) for key in projection)
 
 
 def test_learning_rates_follow_the_original_schedule(stage2_run):
@@ -534,7 +544,7 @@ def test_stage1_run_on_mixed_shards_and_folder(model_dir, shards_dir, cc_sbu_dir
                                      per_device_train_batch_size=4, data_ratios=[115, 14]))
     assert result["global_step"] == 5
     assert f"{shards_dir / '00001.tar'}#L000010002" in result["skipped_images"]
-    before = safetensors.torch.load_file(str(model_dir / "model.safetensors"))["language_projection.weight"]
+    before = safetensors.torch.load_file(str(model_dir / "model.safetensors"))["model.language_projection.weight"]
     assert not torch.equal(load_projection(tmp_path)["language_projection.weight"], before)
 
 
@@ -548,7 +558,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(model_dir, cc
     checkpoint_files = {path.name for path in (interrupted / "checkpoint-3").iterdir()}
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "model.safetensors"} <= checkpoint_files
     assert set(safetensors.torch.load_file(str(interrupted / "checkpoint-3" / "model.safetensors"))) == {
-        "language_projection.weight", "language_projection.bias"}  # trainable weights only
+        "model.language_projection.weight", "model.language_projection.bias"}  # trainable weights only
     result = train.main(common_flags(interrupted, model_dir, [cc_sbu_dir], **flags,
                                      resume_from_checkpoint=interrupted / "checkpoint-3"))
     assert result["global_step"] == 8
@@ -556,21 +566,11 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(model_dir, cc
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
 
 
-def test_a_projection_checkpoint_on_its_base_model_gives_the_full_model(stage2_run, model_dir, tmp_path):
-    """The way docs/command-line.md ('Trainer checkpoints') gives from a checkpoint to a full model."""
+def test_a_checkpoint_of_a_run_is_refused_where_a_full_model_is_expected(stage2_run):
     checkpoint = stage2_run["output_dir"] / "checkpoint-20"
-    with pytest.raises(InputError, match="is a Trainer checkpoint"):
-        check_model_path(checkpoint)
-
-    model, processor = load_model_and_processor(str(model_dir), device="cpu")
-    init_projection(model, checkpoint / "model.safetensors")
-    model.save_pretrained(tmp_path / "full")
-    processor.save_pretrained(tmp_path / "full")
-
-    reloaded, _ = load_model_and_processor(str(tmp_path / "full"), device="cpu")
-    final = load_projection(stage2_run["output_dir"])  # the run ended at its checkpoint: the same projection
-    assert torch.equal(reloaded.language_projection.weight, final["language_projection.weight"])
-    assert torch.equal(reloaded.language_projection.bias, final["language_projection.bias"])
+    with pytest.raises(InputError, match=f"{checkpoint} is a Trainer checkpoint \\(step 20: trained weights"):
+        load_model_and_processor(str(checkpoint), device="cpu")
+    check_model_path(stage2_run["output_dir"])  # the run's own folder is the full model
 
 
 def test_resumed_streaming_run_ends_with_the_weights_of_an_uninterrupted_run(model_dir, shards_dir, cc_sbu_dir,
@@ -591,7 +591,7 @@ def test_trainer_precision_and_checkpointing_switches_work(model_dir, cc_sbu_dir
     losses = [entry["loss"] for entry in result["log_history"] if "loss" in entry]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     saved = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
-    assert saved["language_model.model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert saved["model.language_model.embed_tokens.weight"].dtype == torch.bfloat16
 
 
 def test_gradient_accumulation_matches_the_full_batch(model_dir, cc_sbu_dir, tmp_path):
@@ -616,15 +616,16 @@ def test_lora_trains_the_language_model_and_merges(model_dir, cc_sbu_dir, tmp_pa
     base = safetensors.torch.load_file(str(model_dir / "model.safetensors"))
     merged = safetensors.torch.load_file(str(tmp_path / "merged" / "model.safetensors"))
     changed = {key for key in base if not torch.equal(base[key], merged[key])}
-    assert changed == {"language_projection.weight", "language_projection.bias"} | {
-        key for key in base if key.startswith("language_model.") and key.endswith(("q_proj.weight", "v_proj.weight"))
+    assert changed == {"model.language_projection.weight", "model.language_projection.bias"} | {
+        key for key in base
+        if key.startswith("model.language_model.") and key.endswith(("q_proj.weight", "v_proj.weight"))
     }
     assert not (tmp_path / "merged" / "lora_adapter").exists()
 
     # Unmerged: the folder holds the base language model and the adapter sits beside it; merging it gives the same.
     model = MiniGPT4ForConditionalGeneration.from_pretrained(tmp_path / "adapter")
-    assert torch.equal(model.language_model.model.layers[0].self_attn.q_proj.weight,
-                       base["language_model.model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(model.language_model.layers[0].self_attn.q_proj.weight,
+                       base["model.language_model.layers.0.self_attn.q_proj.weight"])
     merged_again = PeftModel.from_pretrained(model, tmp_path / "adapter" / "lora_adapter").merge_and_unload()
     for key, value in merged_again.state_dict().items():
         torch.testing.assert_close(value, merged[key], rtol=0, atol=1e-6)

@@ -5,12 +5,14 @@ Caption (or ask one question about) many images with MiniGPT-4, in left-padded b
     minigpt4-caption --model PATH_OR_ID --images photos/ --output captions.jsonl
     minigpt4-caption --model PATH_OR_ID --images 'photos/**/*.jpg' --output captions.jsonl \\
         --prompt "What is unusual about this image?" --batch-size 16
+    minigpt4-caption --model PATH_OR_ID --images photos/ --output answers.jsonl --prompt-file question.txt
 
 Writes one JSON line per image: {"image", "prompt", "answer", "generation"}, or "error" instead of "answer" when the
 image cannot be read. The output is a journal: each batch is appended whole and synced to disk, so Ctrl-C (or a
 crash) loses nothing already written, and running the same command again skips the images that the output already
 has (a last line cut short by a kill is removed first).
 
+A prompt that cannot fit the model's context with one image and --max-new-tokens is refused before any image.
 Generation is greedy by default (reproducible, independent of the batch size and order); --sample samples with the
 original chat's settings (top-p 0.9, temperature 1.0).
 """
@@ -39,7 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--images", required=True, help="A folder (its image files), one image file, or a quoted glob ('a/**/*.png')."
     )
     parser.add_argument("--output", required=True, help="The JSON Lines file to append to (created if missing).")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="The question for every image (default: %(default)r).")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=DEFAULT_PROMPT, help="The question for every image (default: %(default)r).")
+    prompt.add_argument("--prompt-file", help="Read the question for every image from this UTF-8 file, for long or "
+                        "multi-line prompts (default: none).")
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="Images per generate() call (default: %(default)s).")
     parser.add_argument(
@@ -47,6 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Try again the images whose last line in --output is an error (default: off).",
     )
     args = parser.parse_args(argv)
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as file:
+                args.prompt = file.read().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            parser.error(f"--prompt-file {args.prompt_file}: cannot read it ({error})")
+        if not args.prompt:
+            parser.error(f"--prompt-file {args.prompt_file} is empty")
     if not args.prompt.strip():
         parser.error("--prompt is empty")
     return args
@@ -128,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from minigpt4_hf.inference import check_question_fits
+
     model, processor, generate_kwargs = load_model_from_args(args)
+    try:
+        check_question_fits(model, processor, args.prompt, args.max_new_tokens)
+    except ValueError as error:
+        raise UserError(f"{'--prompt-file ' + args.prompt_file if args.prompt_file else '--prompt'}: {error}") from None
     generation = {**generate_kwargs, "seed": args.seed}
 
     written = unreadable = 0

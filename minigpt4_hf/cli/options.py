@@ -35,20 +35,25 @@ EPILOG = (
 UserError = InputError
 
 
-def run_main(main: Callable[[], object], prog: str) -> None:
+def run_reporting_errors(main: Callable[[], object], prog: str) -> int:
     """
-    Runs a tool's `main` and exits with its status (an int; anything else, e.g. a result dict, counts as done),
-    turning `UserError` into `prog: error: MESSAGE` on stderr and exit status 2.
+    Runs a tool's `main` and returns its exit status (an int it returns; anything else, e.g. a result dict, counts as
+    done), turning `UserError` into `prog: error: MESSAGE` on stderr and status 2, Ctrl-C into status 130.
     """
     try:
         status = main()
     except UserError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    sys.exit(status if isinstance(status, int) else EXIT_OK)
+        return EXIT_INTERRUPTED
+    return status if isinstance(status, int) else EXIT_OK
+
+
+def run_main(main: Callable[[], object], prog: str) -> None:
+    """`run_reporting_errors`, then exit with its status."""
+    sys.exit(run_reporting_errors(main, prog))
 
 
 def console_entry_point(main: Callable[[], object], prog: str) -> Callable[[], None]:

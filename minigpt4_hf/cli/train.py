@@ -1,20 +1,22 @@
 """
-Two-stage MiniGPT-4 training with the stock transformers `Trainer`.
+MiniGPT-4 / MiniGPT-v2 training with the stock transformers `Trainer`.
 
-    minigpt4-train --stage {1,2} --model FOLDER_OR_HUB_ID --data-path PATH [PATH ...] --output-dir DIR \\
-        [any TrainingArguments flag] [--init-projection FILE] [--lora-r 64 ...] [--unfreeze-qformer]
+    minigpt4-train [--variant {vicuna0,llama2,v2}] --stage N --model FOLDER_OR_HUB_ID --data-path PATH [PATH ...] \\
+        --output-dir DIR [any TrainingArguments flag] [--init-projection FILE] [--lora-r 64 ...] [--unfreeze-qformer]
 
-`--stage 1` / `--stage 2` fill in the original recipe (the "(default: stage 1: ...; stage 2: ...)" values below);
-any flag given on the command line wins over the preset. Every other transformers `TrainingArguments` flag works too
-(`--bf16`, `--gradient-accumulation-steps`, `--save-strategy`, `--report-to`, `--deepspeed`, ...; `--help-trainer`
-lists them). The same command runs under `torchrun`, `accelerate launch` and DeepSpeed
-(`--deepspeed minigpt4_hf/ds_zero2.json`).
+`--variant` (default: the model's own, from its config) and `--stage` fill in the original recipe of that variant
+(the "(default: stage N (variant): ...)" values below): stages 1 and 2 of MiniGPT-4 with Vicuna v0 or Llama-2,
+stage 3 (the released fine-tuning) of MiniGPT-v2. Any flag given on the command line wins over the preset. Every
+other transformers `TrainingArguments` flag works too (`--bf16`, `--gradient-accumulation-steps`, `--save-strategy`,
+`--report-to`, `--deepspeed`, ...; `--help-trainer` lists them). The same command runs under `torchrun`,
+`accelerate launch` and DeepSpeed (`--deepspeed minigpt4_hf/ds_zero2.json`).
 
 The final model goes to --output-dir; checkpoints go to its checkpoint-N folders and hold the trained weights only
-(see docs/command-line.md, "Trainer checkpoints", for turning one into a full model).
+(docs/training.md, "A full model from a Trainer checkpoint folder", turns one into a full model).
 """
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -35,7 +37,7 @@ from minigpt4_hf.inputs import (
     check_model_path,
     previous_run_entries,
 )
-from minigpt4_hf.recipe import IMAGE_TRANSFORMS, STAGE_PRESETS
+from minigpt4_hf.recipe import IMAGE_INSTRUCTION_FORMAT, IMAGE_TRANSFORMS, TRAINING_PRESETS
 
 
 PROG = "minigpt4-train"
@@ -66,9 +68,28 @@ def boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+PRESETS = [(variant, stage, preset) for variant, stages in TRAINING_PRESETS.items() for stage, preset in stages.items()]
+STAGES = sorted({stage for _, stage, _ in PRESETS})
+
+
 def preset_default(name: str) -> str:
-    """'stage 1: X; stage 2: Y' for a preset flag."""
-    return "; ".join(f"stage {stage}: {preset[name]!r}" for stage, preset in sorted(STAGE_PRESETS.items()))
+    """'stage 1 (vicuna0, llama2): X; stage 2 (vicuna0, llama2): Y; ...' for a flag the presets set."""
+    labels: dict[tuple[int, str], list[str]] = {}
+    for variant, stage, preset in PRESETS:
+        if name in preset:
+            labels.setdefault((stage, repr(preset[name])), []).append(variant)
+    return "; ".join(f"stage {stage} ({', '.join(variants)}): {value}" for (stage, value), variants in labels.items())
+
+
+def model_variant(model_path: str | None) -> str | None:
+    """The `variant` in the config.json of a local model folder (None: no such folder or field)."""
+    config = Path(model_path) / "config.json" if model_path else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("variant", "vicuna0")
+    except (OSError, ValueError):
+        return None
 
 
 def build_parser() -> CommandLineParser:
@@ -78,28 +99,37 @@ def build_parser() -> CommandLineParser:
     """
     parser = CommandLineParser(PROG, description=__doc__)
     own = set()
+    parser.base_defaults = {}
 
     def add_flag(container, *names: str, help: str, **kwargs):
-        """A flag; a preset one gets None as its default (filled from the stage) and the presets in its help."""
+        """
+        A flag. One that a preset sets gets None as its argparse default (filled in from the variant's stage preset,
+        else `base_defaults`) and the presets' values in its help.
+        """
         dest = names[0][2:].replace("-", "_")
         own.add(dest)
-        if any(dest in preset for preset in STAGE_PRESETS.values()):
-            kwargs["default"] = None
-            help = f"{help} (default: {preset_default(dest)})"
-        elif kwargs.get("action") == "store_true":
+        if kwargs.get("action") == "store_true":
             # On/off flags also take a value (`--merge-lora false`), as TrainingArguments' booleans do.
             del kwargs["action"]
             kwargs.update(type=boolean, nargs="?", const=True, default=False, metavar="true|false")
-            help = f"{help} (default: off)"
+        base = kwargs.get("default")
+        shown = "off" if base is False else base
+        if any(dest in preset for _, _, preset in PRESETS):
+            parser.base_defaults[dest] = kwargs.pop("default", None)
+            kwargs["default"] = None
+            help = f"{help} (default: " + (f"{shown}; " if base is not None else "") + f"{preset_default(dest)})"
         elif "default" in kwargs and "(default" not in help:
-            help = f"{help} (default: %(default)s)"
-        container.add_argument(*names, help=help, **kwargs)
+            help = f"{help} (default: {shown})"
+        container.add_argument(*names, help=help.replace("%", "%%"), **kwargs)
 
     parser.add_argument("--help-trainer", action="store_true",
                         help="List every transformers TrainingArguments flag and exit (this imports torch).")
     run = parser.add_argument_group("run")
-    add_flag(run, "--stage", type=int, choices=sorted(STAGE_PRESETS), required=True,
-             help="Recipe preset: 1 (image-caption pretraining) or 2 (alignment).")
+    add_flag(run, "--stage", type=int, choices=STAGES, required=True,
+             help="Recipe preset of the variant: 1 (image-caption pretraining) or 2 (alignment) for vicuna0 and "
+             "llama2, 3 (fine-tuning) for v2.")
+    add_flag(run, "--variant", choices=list(TRAINING_PRESETS),
+             help="Which released model's recipe (default: the model's config.variant, else vicuna0).")
     add_flag(run, "--model", "--model-name-or-path", required=True, metavar="FOLDER_OR_HUB_ID",
              help="The MiniGPT-4 to start from: a saved folder (model + processor) or a Hub id.")
     add_flag(run, "--dtype", choices=DTYPE_CHOICES, default="float32",
@@ -135,16 +165,27 @@ def build_parser() -> CommandLineParser:
 
     data = parser.add_argument_group("data")
     add_flag(data, "--image-column", help="Image column (default: guessed).")
-    add_flag(data, "--text-column", help="Caption column (default: guessed).")
+    add_flag(data, "--text-column", help="Caption / answer column (default: guessed).")
+    add_flag(data, "--instruction-column",
+             help="Task instruction column, e.g. '[refer] where is the cat?' (default: 'instruction', "
+             "'instruction_input' or 'question' if present).")
+    add_flag(data, "--conversation-column",
+             help="Multi-turn conversation column, LLaVA turns or chat messages (default: 'conversations', "
+             "'conversation' or 'messages' if present).")
     add_flag(data, "--max-txt-len", help="Target tokens kept per sample, end symbol included.", type=positive_int)
     add_flag(data, "--end-symbol", help="Appended to each caption; escapes like \\n work.")
     add_flag(data, "--prompt-template",
              help="Template around each prompt, e.g. '###Human: {} ###Assistant: '; empty = no prompt (the text is "
              "<ImageHere> alone).")
+    add_flag(data, "--instruction-format", default=IMAGE_INSTRUCTION_FORMAT,
+             help="How a row's instruction (and a conversation's first question) goes with its image, before "
+             "--prompt-template wraps it")
+    add_flag(data, "--followup-format", default="{}",
+             help="How a conversation's later questions are written before the template")
     add_flag(data, "--prompts-file",
              help="Instructions, one per line with <ImageHere> (default: the original alignment.txt prompts).")
-    add_flag(data, "--clean-captions", help="Clean captions as the original blip_caption (true/false).", type=boolean,
-             nargs="?", const=True)
+    add_flag(data, "--clean-captions", help="Clean captions as the original blip_caption (true/false).",
+             type=boolean, nargs="?", const=True, default=False, metavar="true|false")
     add_flag(data, "--max-caption-words", help="Word limit of caption cleaning", type=positive_int, default=50)
     add_flag(data, "--image-transform", choices=IMAGE_TRANSFORMS, default="random_resized_crop",
              help="random_resized_crop (the released weights' recipe) or resize (a plain squash)")
@@ -154,8 +195,8 @@ def build_parser() -> CommandLineParser:
              help="Shuffle buffer of streamed (webdataset) data")
 
     schedule = parser.add_argument_group("learning rate")
-    add_flag(schedule, "--min-lr", help="Final learning rate of the cosine.", type=float)
-    add_flag(schedule, "--warmup-lr", help="Learning rate at the first warmup step.", type=float)
+    add_flag(schedule, "--min-lr", help="Final learning rate of the cosine.", type=float, default=0.0)
+    add_flag(schedule, "--warmup-lr", help="Learning rate at the first warmup step.", type=float, default=0.0)
     add_flag(schedule, "--lr-schedule", choices=["linear_warmup_cosine", "trainer"],
              help="linear_warmup_cosine (the original's) or trainer (--lr-scheduler-type) (default: trainer when "
              "--lr-scheduler-type is given, else linear_warmup_cosine).")
@@ -163,8 +204,8 @@ def build_parser() -> CommandLineParser:
     trainer = parser.add_argument_group(
         "TrainingArguments flags the stage presets set (every other TrainingArguments flag is accepted too)"
     )
-    parser.trainer_preset_flags = [name for name in dict.fromkeys(key for preset in STAGE_PRESETS.values()
-                                                                   for key in preset) if name not in own]
+    parser.trainer_preset_flags = [name for name in dict.fromkeys(key for _, _, preset in PRESETS for key in preset)
+                                   if name not in own]
     for name in parser.trainer_preset_flags:
         add_flag(trainer, "--" + name.replace("_", "-"), metavar="VALUE",
              help=TRAINER_FLAG_HELP.get(name, f"TrainingArguments.{name}."))
@@ -178,9 +219,10 @@ def _flag_names(argv: list[str]) -> set[str]:
 
 def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
     """
-    The tool's own flags, with the stage preset filled in where the command line gave nothing, and in
-    `trainer_argv` what goes to `TrainingArguments`: the preset's Trainer flags, then the command line's.
-    Parses without importing torch.
+    The tool's own flags, with the variant's stage preset filled in where the command line gave nothing, and in
+    `trainer_argv` what goes to `TrainingArguments`: the preset's Trainer flags, then the command line's. The variant
+    is `--variant`, else the model folder's `config.variant`, else vicuna0; a `--variant` that contradicts the
+    model's config is an error. Parses without importing torch.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -191,26 +233,37 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
         parser.exit(0)
     args, unknown = parser.parse_known_args(argv)
     given = _flag_names(argv)
-    preset = STAGE_PRESETS[args.stage]
+
+    from_model = model_variant(args.model)
+    if args.variant and from_model and args.variant != from_model:
+        parser.error(f"--variant {args.variant}: the model {args.model} is a {from_model} model (its config.json says "
+                     f"variant {from_model!r}); pass --variant {from_model} or another model.")
+    args.variant = args.variant or from_model or "vicuna0"
+    stages = TRAINING_PRESETS[args.variant]
+    if args.stage not in stages:
+        parser.error(f"--stage {args.stage}: the {args.variant} variant has the presets "
+                     f"{', '.join(f'--stage {stage}' for stage in stages)}.")
+    preset = stages[args.stage]
 
     trainer_argv = ["--output_dir", args.output_dir]
-    for name, value in preset.items():
-        if getattr(args, name) is not None:
-            continue
-        if name in parser.trainer_preset_flags:
-            trainer_argv += [f"--{name}", str(value)]
-        else:
-            setattr(args, name, value)
     for name in parser.trainer_preset_flags:
-        if getattr(args, name) is not None and name in given:
+        if name in given:
             trainer_argv += [f"--{name}", getattr(args, name)]
+        elif name in preset:
+            value = preset[name]
+            trainer_argv += [f"--{name}", *([str(item) for item in value] if isinstance(value, list) else [str(value)])]
+    for name, base in parser.base_defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, preset.get(name, base))
     args.trainer_argv = trainer_argv + unknown
     args.given = given
 
     if args.data_ratios is None:
         args.data_ratios = []
-    if args.end_symbol is not None and "\\" in args.end_symbol and "end_symbol" in given:
-        args.end_symbol = args.end_symbol.encode("utf-8").decode("unicode_escape")
+    for name in ("end_symbol", "instruction_format", "followup_format"):
+        value = getattr(args, name)
+        if name in given and "\\" in value:
+            setattr(args, name, value.encode("utf-8").decode("unicode_escape"))
     if args.lr_schedule is None:
         args.lr_schedule = "trainer" if "lr_scheduler_type" in given else "linear_warmup_cosine"
     return args
@@ -331,17 +384,19 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
 
     training_args = training_arguments(args)
     setup_logging(training_args)
-    preset = STAGE_PRESETS[args.stage]
+    preset = TRAINING_PRESETS[args.variant][args.stage]
     overridden = sorted(name for name in preset if name in args.given)
-    logger.info("Stage %s preset: %s; overridden on the command line: %s", args.stage, preset,
+    logger.info("%s stage %s preset: %s; overridden on the command line: %s", args.variant, args.stage, preset,
                 ", ".join(overridden) or "nothing")
     checkpoint = resolve_checkpoint(args.resume, training_args.output_dir)
     # Seeded before the model is prepared: LoRA's initialisation draws from the global generator.
     transformers.set_seed(training_args.seed)
 
     model, processor = load_model_and_processor(args.model, device="cpu", dtype=args.dtype)
-    freeze_flags = {name: getattr(model.config, name)
-                    for name in ("freeze_vision_model", "freeze_qformer", "freeze_language_model")}
+    model_family = getattr(model.config, "variant", "vicuna0")
+    if model_family != args.variant:
+        raise UserError(f"--variant {args.variant}: {args.model} is a {model_family} model; pass --variant "
+                        f"{model_family}.")
     image_size = model.config.vision_config.image_size
     if getattr(processor.image_processor.size, "height", None) != image_size:
         logger.warning("The processor resizes to %s but the model takes %s px images; using %s.",
@@ -349,13 +404,8 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         processor.image_processor.size = {"height": image_size, "width": image_size}
 
     model = prepare_model_for_training(
-        model,
-        unfreeze_qformer=args.unfreeze_qformer,
-        projection_file=args.init_projection,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        lora_target_modules=args.lora_target_modules,
+        model, unfreeze_qformer=args.unfreeze_qformer, projection_file=args.init_projection, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_target_modules=args.lora_target_modules,
     )
     logger.info("Training %s", trainable_parameter_summary(model))
 
@@ -371,10 +421,14 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         end_symbol=args.end_symbol,
         clean_captions=args.clean_captions,
         max_caption_words=args.max_caption_words,
+        prompt_template=args.prompt_template,
+        instruction_format=args.instruction_format,
+        followup_format=args.followup_format,
     )
     train_data = build_training_dataset(
         args.data_path, formatter, ratios=args.data_ratios, image_column=args.image_column,
         text_column=args.text_column, seed=training_args.seed, shuffle_buffer=args.shuffle_buffer,
+        instruction_column=args.instruction_column, conversation_column=args.conversation_column,
     )
     if train_data.is_streaming:
         if training_args.max_steps <= 0:
@@ -400,8 +454,8 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     if trainer.args.should_save:
         save_trained_model(
             trainer.model, processor, training_args.output_dir, merge_lora=args.merge_lora,
-            freeze_flags=freeze_flags,
-            metadata={"stage": str(args.stage), "global_step": str(trainer.state.global_step)},
+            metadata={"variant": args.variant, "stage": str(args.stage),
+                      "global_step": str(trainer.state.global_step)},
         )
         logger.info("Saved the trained model to %s and the projection alone to %s", training_args.output_dir,
                     Path(training_args.output_dir) / PROJECTION_FILE_NAME)
