@@ -11,13 +11,211 @@ consecutive patch tokens (`minigpt4/models/minigpt_v2.py@d94738a`, `encode_img`)
 
 The vision and Q-Former parts reuse transformers' BLIP-2 configurations (`Blip2VisionConfig`, `Blip2QFormerConfig`),
 so that BLIP-2 weights map onto them one to one. The defaults describe MiniGPT-4 with Vicuna-7B v0.
+
+This file also holds the one section where the supported transformers releases differ ("transformers compatibility"
+below); modeling_minigpt4.py and processing_minigpt4.py import what they need from it.
 """
 
-from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
-from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig, Blip2VisionConfig
+import copy
+import functools
+import inspect
 
+import transformers
+from packaging import version
+
+
+# =====================================================================================================================
+# transformers compatibility: the ONE place where the supported releases differ.
+#
+# The three remote-code files run unchanged on every transformers release from MINIMUM_TRANSFORMERS_VERSION to the
+# newest (docs/transformers-versions.md). What changed between those releases is decided here,
+# once, from the installed release, always taking the newest API that release has; the rest of the three files uses
+# only the names defined here and APIs that every supported release shares.
+#
+#   since  what changed                                                      handled by
+#   5.0    `PretrainedConfig` is spelled `PreTrainedConfig`;                 PreTrainedConfig, init
+#          `transformers.initialization` (init functions that leave loaded weights alone)
+#   5.0    ProcessorMixin reads the sub-processors from `__init__`'s          declare_sub_processors
+#          signature (before: `attributes` + `<name>_class` class attributes)
+#   5.4    configs are dataclasses (typed fields, `__post_init__`)           CompositeConfig, strict_config
+#   5.4    BLIP's PIL image processor is `BlipImageProcessorPil`             BlipImageProcessorPil
+#   5.15   `generate` passes `pixel_values` to the prefill only              images_only_at_prefill
+#   5.20   sub-configs are declared as `SubConfigSpec`s                      sub_config_spec, CompositeConfig
+#   5.24   `cache` replaces `past_key_values` (model arguments, outputs)     CACHE_ARGUMENT, renames_past_key_values
+# =====================================================================================================================
+
+MINIMUM_TRANSFORMERS_VERSION = "4.57.0"
+
+
+def check_transformers_version(found: str, minimum: str = MINIMUM_TRANSFORMERS_VERSION) -> None:
+    """Raises a one-line `ImportError` naming the fix when the transformers release `found` is older than `minimum`."""
+    if version.parse(version.parse(found).base_version) < version.parse(minimum):
+        raise ImportError(
+            f"MiniGPT-4's remote code needs transformers >= {minimum} (found {found}): "
+            f'pip install -U "transformers>={minimum}"'
+        )
+
+
+# Checked before anything else is imported from transformers: an older release fails here, in one line, instead of
+# somewhere deep inside an import.
+check_transformers_version(transformers.__version__)
+
+from transformers import AutoConfig  # noqa: E402
+from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig, Blip2VisionConfig  # noqa: E402
+
+# A development build ("5.25.0.dev0") counts as the release it leads to.
+TRANSFORMERS_VERSION = version.parse(version.parse(transformers.__version__).base_version)
+
+
+def transformers_since(release: str) -> bool:
+    """Whether the installed transformers is `release` or newer."""
+    return TRANSFORMERS_VERSION >= version.parse(release)
+
+
+DATACLASS_CONFIGS = transformers_since("5.4")
+SUB_CONFIG_SPECS = transformers_since("5.20")
+# The keyword under which models take and return their key/value cache.
+CACHE_ARGUMENT = "cache" if transformers_since("5.24") else "past_key_values"
+
+if transformers_since("5.0"):
+    from transformers import PreTrainedConfig
+    from transformers import initialization as init
+else:
+    from torch.nn import init
+    from transformers import PretrainedConfig as PreTrainedConfig
+
+if transformers_since("5.4"):
+    from huggingface_hub.dataclasses import strict as strict_config
+    from transformers import BlipImageProcessorPil
+else:
+    from transformers import BlipImageProcessor as BlipImageProcessorPil  # the PIL/NumPy one (torchvision: ...Fast)
+
+    def strict_config(cls):
+        """Type validation of config fields needs dataclass configs (5.4); older releases keep the class as it is."""
+        return cls
+
+
+if SUB_CONFIG_SPECS:
+    from transformers.configuration_utils import SubConfigSpec
+
+
+def sub_config_spec(config_class, model_type: str | None = None):
+    """
+    One entry of `sub_configs_defaults`: the sub-config's class (or `AutoConfig` with a default `model_type`).
+    A `SubConfigSpec` from 5.20; before, the pair `(config_class, model_type)` that `CompositeConfig` reads.
+    """
+    if SUB_CONFIG_SPECS:
+        return SubConfigSpec(config_class=config_class, model_type=model_type)
+    return (config_class, model_type)
+
+
+if SUB_CONFIG_SPECS:
+    CompositeConfig = PreTrainedConfig
+else:
+
+    class CompositeConfig(PreTrainedConfig):
+        """
+        What `PreTrainedConfig` does for a config with sub-configs from 5.20 on, for older releases: builds each
+        sub-config of `sub_configs_defaults` from its dict (or its defaults) before the subclass's `__post_init__`
+        continues, and lists their classes in `sub_configs`. Before 5.4 it also gives the subclass the keyword
+        `__init__` of a dataclass config: fields from the annotated class attributes, the rest to `__post_init__`.
+        """
+
+        sub_configs_defaults = {}  # not a dataclass field: no annotation
+
+        def __init_subclass__(cls, **kwargs):
+            super().__init_subclass__(**kwargs)
+            cls.sub_configs = {name: config_class for name, (config_class, _) in cls.sub_configs_defaults.items()}
+
+        if not DATACLASS_CONFIGS:
+
+            def __init__(self, **kwargs):
+                for name, default in self._field_defaults().items():
+                    setattr(self, name, kwargs.pop(name) if name in kwargs else copy.deepcopy(default))
+                self.__post_init__(**kwargs)
+
+            @classmethod
+            def _field_defaults(cls) -> dict:
+                """The annotated class attributes of the subclasses (the dataclass fields from 5.4) and defaults."""
+                subclasses = reversed(cls.__mro__[: cls.__mro__.index(CompositeConfig)])
+                return {name: getattr(cls, name) for klass in subclasses for name in inspect.get_annotations(klass)}
+
+        def __post_init__(self, **kwargs):
+            for name, (config_class, model_type) in self.sub_configs_defaults.items():
+                value = getattr(self, name)
+                if not isinstance(value, PreTrainedConfig):
+                    value = dict(value or {})
+                    if config_class is AutoConfig:
+                        value = AutoConfig.for_model(value.pop("model_type", model_type), **value)
+                    else:
+                        value = config_class(**value)
+                    setattr(self, name, value)
+            if DATACLASS_CONFIGS:
+                super().__post_init__(**kwargs)
+            else:
+                # `PretrainedConfig.__init__` sets the attributes it takes (4.57: `tie_word_embeddings`, ...) from its
+                # arguments: it gets the fields' values for those.
+                parameters = inspect.signature(PreTrainedConfig.__init__).parameters
+                own = {name: getattr(self, name) for name in self._field_defaults() if name in parameters}
+                super().__init__(**own, **kwargs)
+
+
+def renames_past_key_values(forward):
+    """
+    Lets a `forward` written with `cache=` also take `past_key_values=` (what `generate` passes before 5.24; from 5.24
+    deprecated, with transformers' own warning).
+    """
+    if CACHE_ARGUMENT == "cache":
+        from transformers.utils.deprecation import deprecate_kwarg
+
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def forward_taking_past_key_values(self, *args, **kwargs):
+        if "past_key_values" in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        return forward(self, *args, **kwargs)
+
+    return forward_taking_past_key_values
+
+
+def images_only_at_prefill(model_class):
+    """
+    Before 5.15 `generate` passes `pixel_values` to every decoding step: the model class gets a
+    `prepare_inputs_for_generation` that keeps them for the prefill only (the step that fills an empty cache), as
+    `generate` does itself from 5.15 (and from 5.18 encodes them once, before the first step: `mm_encoder_outputs`).
+    """
+    if transformers_since("5.15"):
+        return model_class
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        model_inputs = super(model_class, self).prepare_inputs_for_generation(*args, **kwargs)
+        cache = model_inputs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            model_inputs.pop("pixel_values", None)
+        return model_inputs
+
+    model_class.prepare_inputs_for_generation = prepare_inputs_for_generation
+    return model_class
+
+
+def declare_sub_processors(**class_names: str):
+    """
+    Before 5.0, `ProcessorMixin` finds a processor's parts from its `attributes` and `<name>_class` class attributes
+    (from 5.0: from `__init__`'s signature). Class decorator: `@declare_sub_processors(tokenizer="...", ...)`.
+    """
+
+    def declare(processor_class):
+        if not transformers_since("5.0"):
+            processor_class.attributes = list(class_names)
+            for name, class_name in class_names.items():
+                setattr(processor_class, f"{name}_class", class_name)
+        return processor_class
+
+    return declare
+
+
+# =====================================================================================================================
 
 # Label of the positions that take no loss (PyTorch's cross-entropy `ignore_index`).
 IGNORE_INDEX = -100
@@ -40,8 +238,8 @@ MINIGPT4_AUTO_MAP = {
 }
 
 
-@strict
-class MiniGPT4Config(PreTrainedConfig):
+@strict_config
+class MiniGPT4Config(CompositeConfig):
     r"""
     Configuration of [`MiniGPT4ForConditionalGeneration`] and [`MiniGPT4Model`].
 
@@ -100,9 +298,9 @@ class MiniGPT4Config(PreTrainedConfig):
 
     model_type = "minigpt4"
     sub_configs_defaults = {
-        "vision_config": Blip2VisionConfig,
-        "qformer_config": Blip2QFormerConfig,
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "vision_config": sub_config_spec(Blip2VisionConfig),
+        "qformer_config": sub_config_spec(Blip2QFormerConfig),
+        "text_config": sub_config_spec(AutoConfig, model_type="llama"),
     }
 
     vision_config: dict | PreTrainedConfig | None = None

@@ -17,22 +17,48 @@ BLIP-2 weights load one to one. Folders saved in the earlier layout (`language_m
 import inspect
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
-from transformers import initialization as init
-from transformers.cache_utils import Cache
-from transformers.generation.stopping_criteria import StoppingCriteria
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
-from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionEmbeddings, Blip2VisionModel
-from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import can_return_tuple
 
-
+# First: importing the configuration checks the transformers release (one clear error when it is too old).
 try:
-    from .configuration_minigpt4 import IGNORE_INDEX, MiniGPT4Config
-except ImportError:  # imported as a top-level module (pip install .) rather than as Hub remote code
-    from configuration_minigpt4 import IGNORE_INDEX, MiniGPT4Config
+    from .configuration_minigpt4 import (
+        CACHE_ARGUMENT,
+        IGNORE_INDEX,
+        MiniGPT4Config,
+        images_only_at_prefill,
+        init,
+        renames_past_key_values,
+    )
+except ImportError:
+    if __package__:  # Hub remote code (a package in transformers_modules): the relative import is the real one
+        raise
+    # Installed as top-level modules (pip install .)
+    from configuration_minigpt4 import (
+        CACHE_ARGUMENT,
+        IGNORE_INDEX,
+        MiniGPT4Config,
+        images_only_at_prefill,
+        init,
+        renames_past_key_values,
+    )
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModel,
+    Blip2QFormerModel,
+    Blip2VisionModel,
+    Cache,
+    GenerationMixin,
+    PreTrainedModel,
+    StoppingCriteria,
+)
+from transformers.modeling_outputs import (  # noqa: E402
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
+from transformers.models.blip_2.modeling_blip_2 import Blip2VisionEmbeddings  # noqa: E402
+from transformers.utils.generic import can_return_tuple  # noqa: E402
 
 
 @dataclass
@@ -55,54 +81,39 @@ class MiniGPT4ImageFeaturesOutput(BaseModelOutputWithPooling):
 
 
 @dataclass
-class MiniGPT4ModelOutputWithPast(ModelOutput):
+class MiniGPT4ModelOutputWithPast(BaseModelOutputWithPast):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, text_hidden_size)`):
         The language model's last hidden states (before the output head).
     cache (`Cache`, returned when `use_cache=True`):
-        The language model's key/value cache (also reachable as `past_key_values`).
+        The language model's key/value cache (`past_key_values` before transformers 5.24, the name it also answers
+        to from 5.24).
     hidden_states, attentions:
         The language model's, when requested.
     image_features (`torch.FloatTensor` of shape `(num_images, num_image_tokens, text_hidden_size)`):
         The projected image features spliced into the prompt, when images were given.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_features: torch.FloatTensor | None = None
-
-    @property
-    def past_key_values(self) -> Cache | None:
-        return self.cache
 
 
 @dataclass
-class MiniGPT4CausalLMOutputWithPast(ModelOutput):
+class MiniGPT4CausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor` of shape `()`, returned when `labels` is given):
         Next-token cross-entropy over the positions whose label is not -100.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
         Language-model scores.
     cache (`Cache`, returned when `use_cache=True`):
-        The language model's key/value cache (also reachable as `past_key_values`).
+        The language model's key/value cache (`past_key_values` before transformers 5.24, the name it also answers
+        to from 5.24).
     hidden_states, attentions:
         The language model's, when requested.
     image_features (`torch.FloatTensor` of shape `(num_images, num_image_tokens, text_hidden_size)`):
         The projected image features spliced into the prompt, when images were given.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_features: torch.FloatTensor | None = None
-
-    @property
-    def past_key_values(self) -> Cache | None:
-        return self.cache
 
 
 class StopOnTokenSequences(StoppingCriteria):
@@ -366,7 +377,7 @@ class MiniGPT4Model(MiniGPT4PreTrainedModel):
         return self.get_input_embeddings()(input_ids)
 
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @renames_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -430,17 +441,17 @@ class MiniGPT4Model(MiniGPT4PreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=use_cache,
             return_dict=True,
+            **{CACHE_ARGUMENT: cache},
             **kwargs,
         )
         return MiniGPT4ModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_features=image_features,
+            **{CACHE_ARGUMENT: getattr(outputs, CACHE_ARGUMENT)},
         )
 
     def _check_context_length(self, sequence_length: int, cache: Cache | None) -> None:
@@ -453,6 +464,7 @@ class MiniGPT4Model(MiniGPT4PreTrainedModel):
             )
 
 
+@images_only_at_prefill
 class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin):
     """MiniGPT-4: BLIP-2's frozen ViT and Q-Former, a trained linear projection and a frozen causal language model."""
 
@@ -542,7 +554,7 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         return self.model.embed_tokens(input_ids)
 
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @renames_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -595,10 +607,10 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel, GenerationMixin)
         return MiniGPT4CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_features=outputs.image_features,
+            **{CACHE_ARGUMENT: getattr(outputs, CACHE_ARGUMENT)},
         )
 
     # Registered for the Auto classes, this model counts as remote code, for which `generate` re-reads the forward

@@ -14,20 +14,34 @@ import io
 import os
 import re
 
-import numpy as np
-from PIL import Image
-from tokenizers import Tokenizer, normalizers
-from transformers import BlipImageProcessorPil, PreTrainedTokenizerFast
-from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
-from transformers.processing_utils import MultiModalData, ProcessorMixin
-from transformers.tokenization_utils_base import AddedToken
 
-
+# First: importing the configuration checks the transformers release (one clear error when it is too old).
 try:
-    from .configuration_minigpt4 import DEFAULT_IMAGE_TOKEN, DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX
-except ImportError:  # imported as a top-level module (pip install .) rather than as Hub remote code
-    from configuration_minigpt4 import DEFAULT_IMAGE_TOKEN, DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX
+    from .configuration_minigpt4 import (
+        DEFAULT_IMAGE_TOKEN,
+        DEFAULT_SYSTEM_PROMPT,
+        IGNORE_INDEX,
+        BlipImageProcessorPil,
+        declare_sub_processors,
+    )
+except ImportError:
+    if __package__:  # Hub remote code (a package in transformers_modules): the relative import is the real one
+        raise
+    # Installed as top-level modules (pip install .)
+    from configuration_minigpt4 import (
+        DEFAULT_IMAGE_TOKEN,
+        DEFAULT_SYSTEM_PROMPT,
+        IGNORE_INDEX,
+        BlipImageProcessorPil,
+        declare_sub_processors,
+    )
+
+import numpy as np  # noqa: E402
+from PIL import Image, ImageFile  # noqa: E402
+from tokenizers import Tokenizer, normalizers  # noqa: E402
+from transformers import AddedToken, BatchFeature, PreTrainedTokenizerFast, ProcessorMixin  # noqa: E402
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling  # noqa: E402
+from transformers.processing_utils import MultiModalData  # noqa: E402
 
 
 # The end of an assistant turn (`sep` of `CONV_VISION`, `minigpt4/conversation/conversation.py@22d8888`).
@@ -245,6 +259,9 @@ def load_rgb_image(image):
     if isinstance(image, (str, os.PathLike, bytes, bytearray)):
         encoded = isinstance(image, (bytes, bytearray))
         source = "the image bytes" if encoded else os.fspath(image)
+        # A truncated file is refused even when another library allowed truncated images process-wide (lmms-eval's
+        # task module sets PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` on import); the setting is restored afterwards.
+        truncated_allowed, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
         try:
             with Image.open(io.BytesIO(image) if encoded else source) as opened:
                 opened.load()
@@ -253,6 +270,8 @@ def load_rgb_image(image):
             raise ValueError(f"Image file not found: {source}") from None
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
             raise ValueError(f"Could not read an image from {source}: {error}") from None
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = truncated_allowed
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim in (2, 3):
         image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
     if not isinstance(image, Image.Image):
@@ -371,6 +390,7 @@ def format_box(box_pixels: tuple[float, float, float, float], image_size: tuple[
     return "{" + "".join(f"<{value}>" for value in grid) + "}"
 
 
+@declare_sub_processors(image_processor=BlipImageProcessorPil.__name__, tokenizer="PreTrainedTokenizerFast")
 class MiniGPT4Processor(ProcessorMixin):
     r"""
     Builds MiniGPT-4 inputs: `input_ids`/`attention_mask` (with image-token runs), `pixel_values`, and `labels`
@@ -428,11 +448,19 @@ class MiniGPT4Processor(ProcessorMixin):
         return cls(minigpt4_image_processor(image_size), tokenizer, num_image_tokens=num_image_tokens, **kwargs)
 
     @classmethod
-    def _load_tokenizer_from_pretrained(cls, sub_processor_type, pretrained_model_name_or_path, subfolder="", **kwargs):
-        # The tokenizer is a plain `tokenizer.json`: load it directly, without resolving the folder's (remote-code)
-        # model config, which would otherwise ask whether to trust that code.
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs) -> list:
+        """
+        Loads the image processor and the tokenizer (in `__init__`'s order) as the classes they were saved from.
+
+        transformers' Auto classes would pick BLIP's torchvision image processor whenever torchvision is installed
+        (its bicubic resize gives other pixels than the original's PIL one), and would resolve the folder's
+        remote-code model config to find the tokenizer class (asking whether to trust that code).
+        """
         kwargs.pop("trust_remote_code", None)
-        return PreTrainedTokenizerFast.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        return [
+            BlipImageProcessorPil.from_pretrained(pretrained_model_name_or_path, **kwargs),
+            PreTrainedTokenizerFast.from_pretrained(pretrained_model_name_or_path, **kwargs),
+        ]
 
     # ----------------------------------------------------------------------------------------------------------------
 

@@ -17,8 +17,6 @@ once, into a folder that later runs reuse:
 as `--max-shard-size` parses them (1 GB = 10**9 bytes).
 """
 
-from __future__ import annotations
-
 import json
 import math
 import os
@@ -30,14 +28,16 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub.serialization._base import parse_size_to_int
+from tokenizers import Tokenizer, models
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from minigpt4_hf.conversion import write_safetensors_file
 from minigpt4_hf.files import atomic_path
-
-
-if TYPE_CHECKING:  # the heavy modules are imported where they are used, so that --help answers at once
-    import torch
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 
 GB = 10**9
@@ -64,9 +64,8 @@ class InputSizes:
 
 
 SIZES = {
-    # The released MiniGPT-4 7B set (eva_vit_g.pth has 40 blocks, of which MiniGPT-4 uses 39: `create_eva_vit_g` in
-    # minigpt4/models/eva_vit.py@22d8888; Vicuna v0 has 32001 tokens); LLaMA folders converted by transformers come
-    # in ~10 GB shards.
+    # The released MiniGPT-4 7B set (facts: eva_vit_g.pth has 40 blocks, MiniGPT-4 uses 39; Vicuna v0 has 32001
+    # tokens); LLaMA folders converted by transformers come in ~10 GB shards.
     "7b": InputSizes(
         vit_width=1408, vit_blocks=40, vit_mlp=6144, patch=14, grid=16,
         qformer_width=768, qformer_layers=12, qformer_mlp=3072, queries=32, t5_width=4096,
@@ -114,11 +113,19 @@ def vit_shapes(sizes: InputSizes) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# The one integer tensor of the BLIP-2 file (a buffer of the Q-Former's unused text embeddings).
+QFORMER_POSITION_IDS = "Qformer.bert.embeddings.position_ids"
+
+
 def qformer_shapes(sizes: InputSizes) -> dict[str, tuple[int, ...]]:
-    """`blip2_pretrained_flant5xxl.pth["model"]`: `ln_vision`, `query_tokens`, `Qformer.bert.*`, `t5_proj`."""
+    """
+    `blip2_pretrained_flant5xxl.pth["model"]`: `ln_vision`, `query_tokens`, `Qformer.bert.*` (`QFORMER_POSITION_IDS`
+    int64, the rest float32), `t5_proj`.
+    """
     width, vision = sizes.qformer_width, sizes.vit_width
     shapes = {
         "query_tokens": (1, sizes.queries, width), "ln_vision.weight": (vision,), "ln_vision.bias": (vision,),
+        QFORMER_POSITION_IDS: (1, 512),
         "Qformer.bert.embeddings.LayerNorm.weight": (width,), "Qformer.bert.embeddings.LayerNorm.bias": (width,),
         "t5_proj.weight": (sizes.t5_width, width), "t5_proj.bias": (sizes.t5_width,),
     }
@@ -143,17 +150,12 @@ def qformer_shapes(sizes: InputSizes) -> dict[str, tuple[int, ...]]:
 
 
 def llama_config(sizes: InputSizes) -> LlamaConfig:
-    from transformers import LlamaConfig
-
     return LlamaConfig(vocab_size=sizes.vocab_size, max_position_embeddings=2048, rms_norm_eps=1e-6,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0, **sizes.llm)
 
 
 def llama_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """The LLaMA checkpoint's keys and shapes (the model built on the meta device)."""
-    import torch
-    from transformers import LlamaForCausalLM
-
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
@@ -164,9 +166,6 @@ def synthetic_llama_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     A LLaMA-like tokenizer of `vocab_size` tokens (`<unk>` 0, `<s>` 1, `</s>` 2, made-up pieces, the pieces of `###`,
     and Vicuna v0's added `[PAD]` last), for inputs whose embedding has that many rows.
     """
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
     pieces = ["<unk>", "<s>", "</s>", "▁", "#", "##", "###", "▁#", "▁###"]
     pieces += [f"▁w{index}" for index in range(vocab_size - 1 - len(pieces))]
     backend = Tokenizer(models.Unigram([(piece, -1.0) for piece in pieces], unk_id=0, byte_fallback=False))
@@ -183,15 +182,11 @@ class RandomPool:
     """Random values for large tensors, fast: consecutive slices of one pool of normal(0, 0.02) samples."""
 
     def __init__(self, size: int = 1 << 26, seed: int = 0):
-        import torch
-
         generator = torch.Generator().manual_seed(seed)
         self.pool = torch.randn(size, generator=generator) * 0.02
         self.offset = 0
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        import torch
-
         count = math.prod(shape)
         out = torch.empty(count, dtype=dtype)
         filled = 0
@@ -205,12 +200,6 @@ class RandomPool:
 
 def write_llama_folder(folder: Path, sizes: InputSizes, pool: RandomPool) -> None:
     """config.json, tokenizer and float16 safetensors shards (+ index) of a random LLaMA, one tensor in memory."""
-    import torch
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from tqdm.auto import tqdm
-
-    from minigpt4_hf.conversion import write_safetensors_file
-
     folder.mkdir()
     config = llama_config(sizes)
     config.save_pretrained(folder)
@@ -232,8 +221,6 @@ def make_inputs(folder: str | os.PathLike, size: str = "7b") -> dict[str, Path]:
     The original-format input files of `size` in `folder`, written once (atomically: the folder appears complete or
     not at all) and reused when they are there. Returns `{converter flag: path}`.
     """
-    import torch
-
     folder = Path(folder)
     paths = {flag: folder / name for flag, name in FILE_NAMES.items()}
     marker = folder / MARKER
@@ -248,6 +235,7 @@ def make_inputs(folder: str | os.PathLike, size: str = "7b") -> dict[str, Path]:
         torch.save(vit, staging / FILE_NAMES["--vit-checkpoint"])
         del vit
         qformer = {key: pool.take(shape, torch.float32) for key, shape in qformer_shapes(sizes).items()}
+        qformer[QFORMER_POSITION_IDS] = torch.arange(512)[None]
         torch.save({"model": qformer}, staging / FILE_NAMES["--qformer-checkpoint"])
         del qformer
         text_width = sizes.llm["hidden_size"]
@@ -323,15 +311,12 @@ def measure_conversion(inputs: dict[str, Path], output_dir: Path, max_shard_size
     Runs `minigpt4_hf.cli.convert` on `inputs` in a child process and returns its peak RSS against the bound. A
     child that only imports the converter runs first, for the fixed cost of the process.
     """
-    from huggingface_hub.serialization._base import parse_size_to_int
-
     argv = ["--output-dir", str(output_dir), "--max-shard-size", max_shard_size, "--dtype", "float16"]
     for flag, path in inputs.items():
         argv += [flag, str(path)]
     with tempfile.TemporaryDirectory() as scratch, open(log_path or os.devnull, "w", encoding="utf-8") as log:
         import_peak, convert_peak = Path(scratch) / "import", Path(scratch) / "convert"
-        _run_measured("import minigpt4_hf.cli.convert, minigpt4_hf.conversion, minigpt4_hf.model_card", import_peak,
-                      log)
+        _run_measured("import minigpt4_hf.cli.convert", import_peak, log)
         start = time.perf_counter()
         status = _run_measured(f"import sys\nfrom minigpt4_hf.cli.convert import main\nsys.exit(main({argv!r}))",
                                convert_peak, log)

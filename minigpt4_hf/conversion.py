@@ -446,8 +446,9 @@ def read_transformers_weights(
     return loaded
 
 
-# Files of a transformers checkpoint besides its weights; fetched when present.
-_CHECKPOINT_SIDE_FILES = (
+# Files of a transformers checkpoint besides its weights and config.json: what `download_checkpoint` fetches, when
+# present, for a language model whose tokenizer is needed (the Vicuna delta).
+CHECKPOINT_SIDE_FILES = (
     "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json",
 )

@@ -188,31 +188,62 @@ def generate_answers(model, processor, images: list, prompts: list[str], **gener
     return processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])
 
 
-def user_message(text: str | None = None, with_image: bool = True) -> dict:
-    """A chat-template user message: an image part and/or a text part."""
+def user_message(text: str | None = None, with_image: bool = True, task: str | None = None) -> dict:
+    """
+    A chat-template user message: an image part and/or a text part, and the MiniGPT-v2 task identifier the chat
+    template writes before the text (`"refer"` -> `[refer] ...`).
+    """
     content = [{"type": "image"}] if with_image else []
     if text is not None:
         content.append({"type": "text", "text": text})
-    return {"role": "user", "content": content}
+    message = {"role": "user", "content": content}
+    if task is not None:
+        message["task"] = task
+    return message
 
 
-def answer_batch(model, processor, images: list, question: str, generate_kwargs: dict) -> list[str]:
+def answer_batch(model, processor, images: list, question: str, generate_kwargs: dict,
+                 task: str | None = None) -> list[str]:
     """
     Answers one question about each image, in one left-padded batch. Images are PIL images (or anything
     `load_rgb_image` takes). Returns one answer per image, post-processed as the original chat did.
     """
-    prompt = processor.apply_chat_template([user_message(question)], add_generation_prompt=True)
+    prompt = processor.apply_chat_template([user_message(question, task=task)], add_generation_prompt=True)
     return generate_answers(model, processor, images, [prompt] * len(images), **generate_kwargs)
 
 
-def check_question_fits(model, processor, question: str, max_new_tokens: int) -> None:
+def answers_have_boxes(model) -> bool:
+    """Whether the model writes boxes into its answers (MiniGPT-v2)."""
+    return getattr(model.config, "variant", "vicuna0") == "v2"
+
+
+def grounded_boxes(processor, answer: str, image_size: tuple[int, int]) -> tuple[list[dict], list[str]]:
     """
-    Raises ValueError when one image plus `question` (in the chat template) plus `max_new_tokens` new tokens exceed
-    the language model's context, saying by how much: checked once, before a batch run starts.
+    `(objects, problems)` of one MiniGPT-v2 answer: `{"phrase": str | None, "box": [x1, y1, x2, y2]}` in pixels of
+    an image of `image_size` (width, height), and what could not be read (`post_process_grounding`).
+    """
+    found = processor.post_process_grounding([answer], [image_size])[0]
+    objects = [{"phrase": item["phrase"], "box": [round(value, 2) for value in item["box"]]} for item in found]
+    return objects, list(found.problems)
+
+
+def box_lines(objects: list[dict]) -> list[str]:
+    """One line per box, as the chat prints them: `box: PHRASE (x1, y1, x2, y2) px`."""
+    return [
+        f"box: {item['phrase'] or '(no phrase)'} ({', '.join(f'{value:g}' for value in item['box'])}) px"
+        for item in objects
+    ]
+
+
+def check_question_fits(model, processor, question: str, max_new_tokens: int, task: str | None = None) -> None:
+    """
+    Raises ValueError when one image plus `question` (in the chat template, with its MiniGPT-v2 `task`) plus
+    `max_new_tokens` new tokens exceed the language model's context, saying by how much: checked once, before a batch
+    run starts.
     """
     from PIL import Image
 
-    prompt = processor.apply_chat_template([user_message(question)], add_generation_prompt=True)
+    prompt = processor.apply_chat_template([user_message(question, task=task)], add_generation_prompt=True)
     length = len(processor(images=[Image.new("RGB", (1, 1))], text=prompt)["input_ids"][0])
     context = getattr(model.config.text_config, "max_position_embeddings", None)
     if context is not None and length + max_new_tokens > context:
@@ -313,6 +344,7 @@ class Conversation:
         self.messages: list[dict] = []
         self.images: list = []
         self.last_prompt: str | None = None
+        self.task: str | None = None  # MiniGPT-v2: the task identifier of the questions asked from now on
 
     # -- the original Chat's steps -----------------------------------------------------------------------------------
 
@@ -323,15 +355,20 @@ class Conversation:
         return "Received."
 
     def ask(self, text: str) -> None:
-        """Adds a question; right after an image upload it joins the image's turn, as `Chat.ask` did."""
+        """
+        Adds a question; right after an image upload it joins the image's turn, as `Chat.ask` did. With `task` set
+        (MiniGPT-v2), the question is asked with that task identifier.
+        """
         text = text.strip()
         if not text:
             raise ValueError("The question is empty.")
         last = self.messages[-1] if self.messages else None
         if last is not None and last["role"] == "user" and all(part["type"] == "image" for part in last["content"]):
             last["content"].append({"type": "text", "text": text})
+            if self.task is not None:
+                last["task"] = self.task
         else:
-            self.messages.append(user_message(text, with_image=False))
+            self.messages.append(user_message(text, with_image=False, task=self.task))
 
     def answer(self, **generation_overrides) -> str:
         """Generates the answer to the pending question, stores it in the history and returns it."""
@@ -400,6 +437,8 @@ class Conversation:
         self.reset()
         return self.upload_image(loaded)
 
+    # -- helpers ----------------------------------------------------------------------------------------------------
+
     def withdraw_question(self) -> str | None:
         """
         Takes the pending question back out of the history (its image stays), e.g. when it cannot fit or its answer
@@ -411,12 +450,10 @@ class Conversation:
         question = next(part["text"] for part in reversed(last["content"]) if part["type"] == "text")
         remaining = [part for part in last["content"] if part["type"] != "text"]
         if remaining:
-            self.messages[-1] = {**last, "content": remaining}
+            self.messages[-1] = {"role": last["role"], "content": remaining}  # the question's task goes with it
         else:
             self.messages.pop()
         return question
-
-    # -- helpers ----------------------------------------------------------------------------------------------------
 
     def has_pending_question(self) -> bool:
         """Whether the last turn is a question still waiting for its answer."""
@@ -467,6 +504,7 @@ class Conversation:
                        if isinstance(part, dict) and part.get("type") == "image"]
         if kept_images:
             self.messages[0] = {**self.messages[0], "content": kept_images + list(self.messages[0]["content"])}
+
 
     def _store_answer(self, generated: torch.LongTensor, inputs) -> str:
         answer = self.processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])[0]

@@ -93,8 +93,8 @@ def check_model_path(path: str | os.PathLike, flag: str = "--model") -> None:
         raise InputError(
             f"{flag} {text} is a Trainer checkpoint (step {step}: trained weights and optimizer state only), not a "
             f"full model. Use the run's --output-dir (the full model is written there when the run ends; finish a "
-            f"stopped run with minigpt4-train, the same flags and --resume {text}), or see docs/training.md, 'A full "
-            "model from a Trainer checkpoint folder'."
+            f"stopped run with minigpt4-train, the same flags and --resume {text}), or see docs/command-line.md, "
+            "'Trainer checkpoints'."
         )
     if not (folder / "config.json").is_file():
         raise InputError(f"{flag} {text} has no config.json: it is not a saved model. Give {SAVED_MODEL_HELP}.")

@@ -38,10 +38,9 @@ class Journal:
     An append-only JSON-lines file of records, each keyed by `key(record)` (or `record[key]` for a field name).
 
     Every `append` / `extend` is one `write` of whole lines, synced to disk (`fsync`) before it returns, with Ctrl-C
-    held back until it is done, so a process interrupted or killed at any moment leaves every earlier record intact.
-    A last line cut short by a kill (the item in flight) is removed when the journal is opened again (that item is
-    redone). When an item has several records, the last one counts (`records`). Any other line that is not a record is
-    an error naming the line.
+    held back until it is done, so a process interrupted or killed at any moment leaves every earlier record intact. A last line cut short by a kill (the item in flight) is
+    removed when the journal is opened again (that item is redone). When an item has several records, the last one
+    counts (`records`). Any other line that is not a record is an error naming the line.
 
     Args:
         path: the file (created at the first append).

@@ -10,6 +10,7 @@ converted checkpoint holds the same tables for its own config (`memory_tables`).
     python -m minigpt4_hf.memory_table
 """
 
+
 import torch
 from torch import nn
 
@@ -37,7 +38,7 @@ PARTS = {
     "projection (llama_proj)": ("language_projection",),
     "language model": ("language_model", "lm_head"),
 }
-MODES = {  # column name: the load flags of the chat, caption and demo tools that give it
+MODES = {  # column name: the load flags of minigpt4-chat, -caption and -demo that give it
     "fp32": "--dtype float32",
     "bf16": "--dtype bfloat16",
     "int8": "--load-in-8bit",

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from configuration_minigpt4 import MiniGPT4Config
+from minigpt4_hf.transformers_versions import supported_transformers_text
 from minigpt4_hf.generation import CHAT_GENERATION_DEFAULTS
 
 
@@ -222,6 +223,8 @@ loads with `AutoModelForImageTextToText` and `AutoProcessor` (`trust_remote_code
 
 `generation_config.json` holds the original demo's defaults ({{ generation_defaults }}); pass `do_sample=False` for
 greedy answers. Generation stops {{ stops }}.
+
+The code in this repository runs on {{ transformers_support }}.
 {% if tasks %}
 ## Tasks and boxes
 
@@ -258,8 +261,8 @@ Built from this checkpoint's config on the meta device (`minigpt4_hf/memory_tabl
 
 ## Provenance
 
-Converted with `minigpt4-convert` (`scripts/convert_original_checkpoint.py`; transformers {{ transformers_version }},
-torch {{ torch_version }}, Python {{ python_version }}) from:
+Converted with `minigpt4-convert` (transformers {{ transformers_version }}, torch
+{{ torch_version }}, Python {{ python_version }}) from:
 
 | input | file | bytes | sha256 |
 |---|---|---|---|
@@ -498,6 +501,7 @@ def build_model_card(
         else "",
         memory_tables=memory_tables({model_name: config}),
         transformers_version=transformers.__version__,
+        transformers_support=supported_transformers_text(),
         torch_version=torch.__version__,
         python_version=platform.python_version(),
         inputs=inputs,

@@ -1,8 +1,9 @@
 """
-The released MiniGPT training recipes as plain values (Vision-CAIR/MiniGPT-4: `train_configs/minigpt4_stage{1_pretrain,
-2_finetune}.yaml` and `prompts/alignment.txt` @22d8888, `train_configs/minigpt4_llama2_stage*.yaml` @ef1ac08,
-`train_configs/minigptv2_finetune.yaml` @d94738a, `minigpt4/processors/blip_processors.py`). No heavy imports:
-minigpt4-train shows these values in its `--help`.
+The original training recipes as plain values: MiniGPT-4 with Vicuna v0 (Vision-CAIR/MiniGPT-4 @22d8888:
+`train_configs/minigpt4_stage{1_pretrain,2_finetune}.yaml`, `prompts/alignment.txt`,
+`minigpt4/processors/blip_processors.py`), MiniGPT-4 with Llama-2 (`train_configs/minigpt4_llama2_stage*.yaml`) and
+MiniGPT-v2's fine-tuning (`train_configs/minigptv2_finetune.yaml` @d94738a). No heavy imports: minigpt4-train shows
+these values in its `--help`.
 """
 
 from typing import Any
@@ -76,7 +77,7 @@ _STAGE2 = {
 }
 
 # What `--variant V --stage N` sets; every value can be overridden on the command line. Keys are the flag names of
-# minigpt4-train, with underscores (TrainingArguments fields and the tool's own data/model fields).
+# minigpt4-train (TrainingArguments fields and the tool's own data/model fields), with underscores.
 TRAINING_PRESETS: dict[str, dict[int, dict[str, Any]]] = {
     "vicuna0": {1: _STAGE1, 2: _STAGE2},
     "llama2": {

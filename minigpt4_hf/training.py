@@ -44,7 +44,7 @@ from transformers import Trainer, TrainerCallback
 from configuration_minigpt4 import DEFAULT_IMAGE_TOKEN
 from minigpt4_hf.files import atomic_path
 from minigpt4_hf.inputs import check_data_path, find_webdataset_shards
-from minigpt4_hf.recipe import (  # noqa: F401 (the presets and templates are part of this module's API, __all__)
+from minigpt4_hf.recipe import (  # noqa: F401 (the presets and templates are part of this module's API)
     ALIGNMENT_PROMPTS,
     BOS_TEXT,
     CAPTION_MAX_WORDS,
@@ -54,6 +54,7 @@ from minigpt4_hf.recipe import (  # noqa: F401 (the presets and templates are pa
     STAGE2_PROMPT_TEMPLATE,
     STAGE_PRESETS,
     TRAINING_PRESETS,
+    V2_IMAGE_INSTRUCTION_FORMAT,
     V2_PROMPT_TEMPLATE,
 )
 from processing_minigpt4 import load_rgb_image
@@ -714,11 +715,11 @@ def build_training_dataset(
 def _records_stream(dataset, columns: dict[str, str | None], base_dir: str | None):
     """A map-style dataset as a stream of records (image paths made absolute), for mixing with other sources."""
 
-    def indexed_row_to_record(row: dict, index: int) -> dict:
+    def to_record(row: dict, index: int) -> dict:
         return row_to_record(row, columns, index, base_dir)
 
     stream = dataset.to_iterable_dataset(num_shards=min(64, max(1, len(dataset))))
-    return stream.map(indexed_row_to_record, with_indices=True, remove_columns=list(dataset.column_names),
+    return stream.map(to_record, with_indices=True, remove_columns=list(dataset.column_names),
                       features=_record_features())
 
 
@@ -872,7 +873,8 @@ PROJECTION_FILE_NAME = "language_projection.safetensors"
 def load_projection_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     Reads a projection checkpoint as `{"weight", "bias"}`: a safetensors file written by a training run
-    (`language_projection.{weight,bias}`, or bare `weight`/`bias`), or the original's `.pth`
+    (`language_projection.{weight,bias}`, or bare `weight`/`bias`), a Trainer checkpoint's `model.safetensors`
+    (`model.language_projection.{weight,bias}`), or the original's `.pth`
     (`{"model": {"llama_proj.weight", "llama_proj.bias", ...}}`, e.g. a stage-1 `checkpoint_*.pth` or
     `pretrained_minigpt4.pth`).
     """
@@ -890,7 +892,8 @@ def load_projection_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = state["model"]
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict.")
-    for prefix in (PROJECTION_PREFIX, ORIGINAL_PROJECTION_PREFIX, ""):
+    # A training run's file, a Trainer checkpoint of the current layout (`model.language_projection.*`), the original's.
+    for prefix in (PROJECTION_PREFIX, "model." + PROJECTION_PREFIX, ORIGINAL_PROJECTION_PREFIX, ""):
         weights = {suffix: state.get(prefix + suffix) for suffix in ("weight", "bias")}
         if all(isinstance(value, torch.Tensor) for value in weights.values()):
             return weights

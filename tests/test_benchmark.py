@@ -23,7 +23,7 @@ from minigpt4_hf.benchmark import (
 )
 from transformers import LogitsProcessorList
 
-from modeling_minigpt4 import MiniGPT4ForConditionalGeneration, StopOnTokenSequences
+from modeling_minigpt4 import MiniGPT4ForConditionalGeneration, MiniGPT4Model, StopOnTokenSequences
 
 PROMPT = "<ImageHere> Describe this image."
 
@@ -101,6 +101,22 @@ def test_decode_steps_do_not_call_the_vision_model_or_the_qformer(tiny, example_
 
     assert len(vision_calls) == 1 and len(qformer_calls) == 1
     assert len(language_calls) == 6  # prefill + 5 decode steps
+
+
+def test_decode_steps_do_not_look_for_image_placeholders(tiny, example_image, monkeypatch):
+    model, processor = tiny
+    lookups = []
+    original = MiniGPT4Model.get_placeholder_mask
+
+    def counting(self, *args, **kwargs):
+        lookups.append(args[0].shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MiniGPT4Model, "get_placeholder_mask", counting)
+    inputs = processor(images=example_image, text=PROMPT, return_tensors="pt")
+    model.generate(**inputs, **fixed_length_generate_kwargs(model, 5))
+
+    assert lookups == [inputs["input_ids"].shape]
 
 
 def test_forward_lists_the_arguments_generate_passes(tiny):

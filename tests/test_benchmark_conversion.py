@@ -55,3 +55,10 @@ def test_bad_shard_size_is_a_usage_error(tmp_path, capsys):
         benchmark_main(["--inputs-dir", str(tmp_path), "--max-shard-size", "lots"])
     assert exit_info.value.code == 2
     assert "--max-shard-size 'lots'" in capsys.readouterr().err
+
+
+def test_size_choices_of_the_command_line_are_the_input_sets():
+    from minigpt4_hf.benchmark_conversion import SIZES
+    from minigpt4_hf.cli.benchmark_conversion import SIZE_CHOICES
+
+    assert sorted(SIZE_CHOICES) == sorted(SIZES)

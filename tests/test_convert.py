@@ -17,8 +17,11 @@ import pytest
 import torch
 from conftest import ORIGINAL_TINY, REPO_ROOT
 from minigpt4_hf.cli.convert import main as convert_main
+from minigpt4_hf.cli.options import UserError
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError
+from minigpt4_hf.benchmark_conversion import QFORMER_POSITION_IDS, qformer_shapes, vit_shapes
+from minigpt4_hf.benchmark_conversion import SIZES as ORIGINAL_SIZES
 from minigpt4_hf.random_models import EXAMPLE_IMAGE
 from minigpt4_hf.model_card import default_base_models, language_model_name
 from minigpt4_hf.conversion import (
@@ -432,58 +435,15 @@ def meta(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def original_eva_vit_g(blocks: int = 40, width: int = 1408, mlp: int = 6144, patch: int = 14, grid: int = 16):
-    """The keys and shapes of LAVIS' eva_vit_g.pth (lavis/models/eva_vit.py@506965b `VisionTransformer`, saved bare):
-    40 blocks, of which MiniGPT-4 uses 39 (minigpt4/models/eva_vit.py@22d8888 `create_eva_vit_g`)."""
-    state = {"cls_token": meta(1, 1, width), "pos_embed": meta(1, grid * grid + 1, width),
-             "patch_embed.proj.weight": meta(width, 3, patch, patch), "patch_embed.proj.bias": meta(width)}
-    for i in range(blocks):
-        block = f"blocks.{i}."
-        state.update({
-            block + "norm1.weight": meta(width), block + "norm1.bias": meta(width),
-            block + "attn.q_bias": meta(width), block + "attn.v_bias": meta(width),
-            block + "attn.qkv.weight": meta(3 * width, width),
-            block + "attn.proj.weight": meta(width, width), block + "attn.proj.bias": meta(width),
-            block + "norm2.weight": meta(width), block + "norm2.bias": meta(width),
-            block + "mlp.fc1.weight": meta(mlp, width), block + "mlp.fc1.bias": meta(mlp),
-            block + "mlp.fc2.weight": meta(width, mlp), block + "mlp.fc2.bias": meta(width),
-        })
-    return state
+def original_eva_vit_g() -> dict[str, torch.Tensor]:
+    """The keys and shapes of eva_vit_g.pth (facts sheet §2.1): 40 blocks, of which MiniGPT-4 uses 39."""
+    return {key: meta(*shape) for key, shape in vit_shapes(ORIGINAL_SIZES["7b"]).items()}
 
 
-def original_blip2_flant5xxl(layers: int = 12, width: int = 768, vision_width: int = 1408, queries: int = 32,
-                             ffn: int = 3072, t5_width: int = 4096):
-    """The keys and shapes of blip2_pretrained_flant5xxl.pth's "model": the trainable part of LAVIS' `Blip2T5`
-    (lavis/models/blip2_models/blip2_t5.py@506965b; `_save_checkpoint` of lavis/runners/runner_base.py drops frozen
-    parameters)."""
-    state = {
-        "query_tokens": meta(1, queries, width),
-        "ln_vision.weight": meta(vision_width), "ln_vision.bias": meta(vision_width),
-        "Qformer.bert.embeddings.position_ids": meta(1, 512, dtype=torch.int64),
-        "Qformer.bert.embeddings.LayerNorm.weight": meta(width), "Qformer.bert.embeddings.LayerNorm.bias": meta(width),
-        "t5_proj.weight": meta(t5_width, width), "t5_proj.bias": meta(t5_width),
-    }
-    for i in range(layers):
-        layer = f"Qformer.bert.encoder.layer.{i}."
-        for block in ["attention"] + (["crossattention"] if i % 2 == 0 else []):
-            source_width = vision_width if block == "crossattention" else width
-            for projection in ("query", "key", "value"):
-                in_width = width if projection == "query" else source_width
-                state[f"{layer}{block}.self.{projection}.weight"] = meta(width, in_width)
-                state[f"{layer}{block}.self.{projection}.bias"] = meta(width)
-            state.update({
-                f"{layer}{block}.output.dense.weight": meta(width, width),
-                f"{layer}{block}.output.dense.bias": meta(width),
-                f"{layer}{block}.output.LayerNorm.weight": meta(width),
-                f"{layer}{block}.output.LayerNorm.bias": meta(width),
-            })
-        state.update({
-            layer + "intermediate_query.dense.weight": meta(ffn, width),
-            layer + "intermediate_query.dense.bias": meta(ffn),
-            layer + "output_query.dense.weight": meta(width, ffn), layer + "output_query.dense.bias": meta(width),
-            layer + "output_query.LayerNorm.weight": meta(width), layer + "output_query.LayerNorm.bias": meta(width),
-        })
-    return state
+def original_blip2_flant5xxl() -> dict[str, torch.Tensor]:
+    """The keys and shapes of blip2_pretrained_flant5xxl.pth's "model" (facts sheet §2.2)."""
+    return {key: meta(*shape, dtype=torch.int64 if key == QFORMER_POSITION_IDS else torch.float32)
+            for key, shape in qformer_shapes(ORIGINAL_SIZES["7b"]).items()}
 
 
 VICUNA_V0_SIZES = {  # LLaMA-7B / 13B with Vicuna v0's 32001-token vocabulary
@@ -549,7 +509,8 @@ def test_full_size_13b_projection_with_7b_vicuna_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Bad input: a clear message naming file and key, exit code 2, nothing left in the output's parent folder.
+# Bad input: a clear message naming file and key (a UserError: exit status 2), nothing left in the output's parent
+# folder.
 
 
 @pytest.fixture
@@ -559,98 +520,99 @@ def output_parent(tmp_path):
     return parent
 
 
-def assert_refused(argv, output_parent, capsys, *fragments) -> str:
-    assert convert_main(argv) == 2
-    message = capsys.readouterr().err.rstrip("\n").splitlines()[-1]  # after any progress bars: one line
-    assert message.startswith("minigpt4-convert: error: "), message
+def assert_refused(argv, output_parent, *fragments) -> str:
+    with pytest.raises(UserError) as refusal:
+        convert_main(argv)
+    message = str(refusal.value)
     for fragment in fragments:
         assert fragment in message, message
+    assert "\n" not in message
     assert list(output_parent.iterdir()) == []  # no output folder, no temporary folder
     return message
 
 
-def test_missing_file_is_refused(output_parent, capsys, tmp_path):
+def test_missing_file_is_refused(output_parent, tmp_path):
     missing = tmp_path / "eva_vit_g.pth"
-    assert_refused(fixture_argv(output_parent / "out", {"--vit-checkpoint": missing}), output_parent, capsys,
+    assert_refused(fixture_argv(output_parent / "out", {"--vit-checkpoint": missing}), output_parent,
                    f"--vit-checkpoint {missing}: no such file.")
 
 
-def test_unreadable_file_is_refused(output_parent, capsys, tmp_path):
+def test_unreadable_file_is_refused(output_parent, tmp_path):
     garbage = tmp_path / "blip2_pretrained_flant5xxl.pth"
     garbage.write_bytes(b"<html>not a checkpoint</html>")
-    assert_refused(fixture_argv(output_parent / "out", {"--qformer-checkpoint": garbage}), output_parent, capsys,
+    assert_refused(fixture_argv(output_parent / "out", {"--qformer-checkpoint": garbage}), output_parent,
                    f"--qformer-checkpoint {garbage}: cannot be read as a PyTorch checkpoint")
 
 
-def test_file_of_the_wrong_kind_is_refused_with_what_it_looks_like(output_parent, capsys):
+def test_file_of_the_wrong_kind_is_refused_with_what_it_looks_like(output_parent):
     vit = INPUTS["--vit-checkpoint"]
-    assert_refused(fixture_argv(output_parent / "out", {"--qformer-checkpoint": vit}), output_parent, capsys,
+    assert_refused(fixture_argv(output_parent / "out", {"--qformer-checkpoint": vit}), output_parent,
                    f"--qformer-checkpoint {vit} is not a BLIP-2 checkpoint",
                    "It looks like an EVA ViT checkpoint", "pass it as --vit-checkpoint")
 
 
-def test_missing_vit_key_is_refused_naming_file_and_key(output_parent, capsys, tmp_path):
+def test_missing_vit_key_is_refused_naming_file_and_key(output_parent, tmp_path):
     vit = edited_checkpoint(tmp_path, INPUTS["--vit-checkpoint"], "eva_vit_g.pth",
                             lambda state: state.pop("blocks.1.attn.v_bias"))
-    assert_refused(fixture_argv(output_parent / "out", {"--vit-checkpoint": vit}), output_parent, capsys,
+    assert_refused(fixture_argv(output_parent / "out", {"--vit-checkpoint": vit}), output_parent,
                    f"--vit-checkpoint {vit} has no key 'blocks.1.attn.v_bias' "
                    "(needed for 'model.vision_model.encoder.layers.1.self_attn.qkv.bias')")
 
 
-def test_missing_qformer_key_is_refused_naming_file_and_key(output_parent, capsys, tmp_path):
+def test_missing_qformer_key_is_refused_naming_file_and_key(output_parent, tmp_path):
     key = "Qformer.bert.encoder.layer.1.attention.self.value.weight"
     blip2 = edited_checkpoint(tmp_path, INPUTS["--qformer-checkpoint"], "blip2.pth",
                               lambda checkpoint: checkpoint["model"].pop(key))
-    assert_refused(fixture_argv(output_parent / "out", {"--qformer-checkpoint": blip2}), output_parent, capsys,
+    assert_refused(fixture_argv(output_parent / "out", {"--qformer-checkpoint": blip2}), output_parent,
                    f"--qformer-checkpoint {blip2} has no key '{key}' "
                    "(needed for 'model.qformer.encoder.layer.1.attention.attention.value.weight')")
 
 
-def test_projection_of_another_width_than_the_language_model_is_refused(output_parent, capsys, tmp_path):
+def test_projection_of_another_width_than_the_language_model_is_refused(output_parent, tmp_path):
     # The tiny analogue of a 13B projection (5120) with a 7B Vicuna (4096).
     def widen(checkpoint):
         checkpoint["model"] = {"llama_proj.weight": torch.zeros(80, 48), "llama_proj.bias": torch.zeros(80)}
     projection = edited_checkpoint(tmp_path, INPUTS["--projection-checkpoint"], "proj.pth", widen)
     assert_refused(fixture_argv(output_parent / "out", {"--projection-checkpoint": projection}), output_parent,
-                   capsys, f"'llama_proj.weight' in --projection-checkpoint {projection} has shape [80, 48]",
+                   f"'llama_proj.weight' in --projection-checkpoint {projection} has shape [80, 48]",
                    "maps to width 80, but the language model in --llm has hidden size 64")
 
 
-def test_tokenizer_that_does_not_fit_the_embedding_rows_is_refused(output_parent, capsys, tmp_path):
+def test_tokenizer_that_does_not_fit_the_embedding_rows_is_refused(output_parent, tmp_path):
     # The tiny analogue of Vicuna v0 weights (32001 rows) with a v1.1 / LLaMA tokenizer (32000 tokens).
     llm = llm_folder_with_one_more_embedding_row(tmp_path)
-    assert_refused(fixture_argv(output_parent / "out", {"--llm": llm}), output_parent, capsys,
+    assert_refused(fixture_argv(output_parent / "out", {"--llm": llm}), output_parent,
                    f"--llm {llm}: the tokenizer has 1000 tokens but the embedding ('model.embed_tokens.weight' in "
                    f"--llm {llm} (pytorch_model.bin)) has 1001 rows", "Vicuna v0", "32001")
 
 
-def test_existing_output_folder_is_refused_without_overwrite(tmp_path, capsys):
+def test_existing_output_folder_is_refused_without_overwrite(tmp_path):
     output_dir = tmp_path / "out"
     output_dir.mkdir()
     (output_dir / "keep.txt").write_text("mine")
-    assert convert_main(fixture_argv(output_dir)) == 2
-    assert f"--output-dir {output_dir} exists; pass --overwrite-output-dir to replace it." in capsys.readouterr().err
+    with pytest.raises(UserError, match=f"--output-dir {output_dir} exists; pass --overwrite-output-dir to replace"):
+        convert_main(fixture_argv(output_dir))
     assert [path.name for path in output_dir.iterdir()] == ["keep.txt"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
-def test_head_counts_that_do_not_divide_the_width_ask_for_overrides(output_parent, capsys):
-    assert_refused(fixture_argv(output_parent / "out", {"--config-overrides": None}), output_parent, capsys,
+def test_head_counts_that_do_not_divide_the_width_ask_for_overrides(output_parent):
+    assert_refused(fixture_argv(output_parent / "out", {"--config-overrides": None}), output_parent,
                    "The vision width 56 is not divisible by 16 attention heads",
                    'pass --config-overrides with {"vision_config": {"num_attention_heads": N}}')
 
 
-def test_unknown_override_field_is_refused(output_parent, capsys, tmp_path):
+def test_unknown_override_field_is_refused(output_parent, tmp_path):
     overrides = tmp_path / "overrides.json"
     overrides.write_text(json.dumps({"vision": {"num_attention_heads": 4}}))
-    assert_refused(fixture_argv(output_parent / "out", {"--config-overrides": overrides}), output_parent, capsys,
+    assert_refused(fixture_argv(output_parent / "out", {"--config-overrides": overrides}), output_parent,
                    f"--config-overrides {overrides}: unknown MiniGPT4Config field(s) ['vision']")
 
 
 def test_failure_while_writing_leaves_no_output_folder(output_parent, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
-    monkeypatch.setattr("minigpt4_hf.conversion.save_sharded_safetensors", disk_full)
+    monkeypatch.setattr("minigpt4_hf.converter.save_sharded_safetensors", disk_full)
     with pytest.raises(OSError, match="No space left"):
         convert_main(fixture_argv(output_parent / "out"))
     assert list(output_parent.iterdir()) == []

@@ -275,68 +275,67 @@ def edited_v2_checkpoint(tmp_path, edit) -> str:
     return edited_checkpoint(tmp_path, V2_CHECKPOINT, "minigptv2_checkpoint.pth", edit)
 
 
-def test_lora_keys_matching_no_layer_are_refused(output_parent, capsys, tmp_path):
+def test_lora_keys_matching_no_layer_are_refused(output_parent, tmp_path):
     def rename(checkpoint):
         checkpoint["model"] = {key.replace("q_proj", "qkv_proj"): value for key, value in checkpoint["model"].items()}
     projection = edited_v2_checkpoint(tmp_path, rename)
     key = LORA_KEY.format(layer=0, module="qkv_proj", part="A")
-    assert_refused(V2.argv(output_parent / "out", {"--projection-checkpoint": projection}), output_parent, capsys,
+    assert_refused(V2.argv(output_parent / "out", {"--projection-checkpoint": projection}), output_parent,
                    f"--projection-checkpoint {projection}: key '{key}' matches no layer of the language model")
 
 
-def test_lora_of_another_width_is_refused(output_parent, capsys, tmp_path):
+def test_lora_of_another_width_is_refused(output_parent, tmp_path):
     key = LORA_KEY.format(layer=1, module="v_proj", part="A")
 
     def widen(checkpoint):
         checkpoint["model"][key] = torch.zeros(4, 80)
     projection = edited_v2_checkpoint(tmp_path, widen)
-    assert_refused(V2.argv(output_parent / "out", {"--projection-checkpoint": projection}), output_parent, capsys,
+    assert_refused(V2.argv(output_parent / "out", {"--projection-checkpoint": projection}), output_parent,
                    f"--projection-checkpoint {projection}: keys '{key}' [4, 80]", "do not fit",
                    "'model.layers.1.self_attn.v_proj.weight' in --llm")
 
 
-def test_lora_for_more_layers_than_the_language_model_is_refused(output_parent, capsys, tmp_path):
+def test_lora_for_more_layers_than_the_language_model_is_refused(output_parent, tmp_path):
     key = LORA_KEY.format(layer=2, module="q_proj", part="A")
 
     def add_layer(checkpoint):
         for part, shape in (("A", (4, 64)), ("B", (64, 4))):
             checkpoint["model"][LORA_KEY.format(layer=2, module="q_proj", part=part)] = torch.zeros(shape)
     projection = edited_v2_checkpoint(tmp_path, add_layer)
-    assert_refused(V2.argv(output_parent / "out", {"--projection-checkpoint": projection}), output_parent, capsys,
+    assert_refused(V2.argv(output_parent / "out", {"--projection-checkpoint": projection}), output_parent,
                    f"key '{key}' is LoRA for layer 2, but the language model in --llm has 2 layers")
 
 
-def test_projection_fitting_no_bridge_is_refused(output_parent, capsys, tmp_path):
+def test_projection_fitting_no_bridge_is_refused(output_parent, tmp_path):
     def narrow(checkpoint):
         checkpoint["model"]["llama_proj.weight"] = torch.zeros(64, 100)
     projection = edited_checkpoint(tmp_path, LLAMA2.folder / "weights" / LLAMA2.projection_file, "proj.pth", narrow)
-    assert_refused(LLAMA2.argv(output_parent / "out", {"--projection-checkpoint": projection}), output_parent,
-                   capsys, f"'llama_proj.weight' in --projection-checkpoint {projection} has shape [64, 100]",
+    assert_refused(LLAMA2.argv(output_parent / "out", {"--projection-checkpoint": projection}), output_parent, f"'llama_proj.weight' in --projection-checkpoint {projection} has shape [64, 100]",
                    "fits no MiniGPT bridge", "Q-Former width 768", "4 x the ViT width 56 = 224")
 
 
-def test_variant_flag_that_does_not_fit_the_projection_is_refused(output_parent, capsys):
-    assert_refused(LLAMA2.argv(output_parent / "out", {"--variant": "vicuna0"}), output_parent, capsys,
+def test_variant_flag_that_does_not_fit_the_projection_is_refused(output_parent):
+    assert_refused(LLAMA2.argv(output_parent / "out", {"--variant": "vicuna0"}), output_parent,
                    "--variant vicuna0 does not fit 'llama_proj.weight'")
 
 
-def test_vicuna_projection_without_qformer_checkpoint_is_refused(output_parent, capsys, tmp_path):
+def test_vicuna_projection_without_qformer_checkpoint_is_refused(output_parent, tmp_path):
     def from_768(checkpoint):  # the real Q-Former width, which the converter assumes without the BLIP-2 file
         checkpoint["model"]["llama_proj.weight"] = torch.zeros(64, 768)
     projection = edited_checkpoint(tmp_path, INPUTS["--projection-checkpoint"], "pretrained_minigpt4.pth", from_768)
     argv = fixture_argv(output_parent / "out", {"--qformer-checkpoint": None, "--projection-checkpoint": projection})
-    assert_refused(argv, output_parent, capsys, "is MiniGPT-4 with Vicuna, which needs the BLIP-2 Q-Former",
+    assert_refused(argv, output_parent, "is MiniGPT-4 with Vicuna, which needs the BLIP-2 Q-Former",
                    "pass --qformer-checkpoint")
 
 
-def test_448_px_with_position_embeddings_that_are_not_a_square_is_refused(output_parent, capsys, tmp_path):
+def test_448_px_with_position_embeddings_that_are_not_a_square_is_refused(output_parent, tmp_path):
     def cut(state):
         state["pos_embed"] = state["pos_embed"][:, :16]  # 15 patch positions: no square grid
     vit = edited_checkpoint(tmp_path, V2.folder / "weights" / "eva_vit_g.pth", "eva_vit_g.pth", cut)
     overrides = tmp_path / "overrides.json"
     overrides.write_text(json.dumps({"vision_config": {"num_attention_heads": 4}}))  # v2's own 448 px
     argv = V2.argv(output_parent / "out", {"--vit-checkpoint": vit, "--config-overrides": overrides})
-    assert_refused(argv, output_parent, capsys,
+    assert_refused(argv, output_parent,
                    f"'pos_embed' in --vit-checkpoint {vit} has shape [1, 16, 56]: not 1 + a square grid",
                    "cannot run at 448 px")
 
@@ -354,15 +353,15 @@ def tiny_llm_with_vocabulary(tmp_path, vocabulary: int = 32000):
     return folder
 
 
-def test_llama2_tokenizer_with_a_vicuna_v0_projection_is_refused(output_parent, capsys, tmp_path):
+def test_llama2_tokenizer_with_a_vicuna_v0_projection_is_refused(output_parent, tmp_path):
     llm = tiny_llm_with_vocabulary(tmp_path)
-    assert_refused(fixture_argv(output_parent / "out", {"--llm": llm}), output_parent, capsys,
+    assert_refused(fixture_argv(output_parent / "out", {"--llm": llm}), output_parent,
                    f"--llm {llm}: the tokenizer has 32000 tokens", "MiniGPT-4 with Vicuna v0",
                    "vocabulary is 32001")
 
 
-def test_vicuna_v0_tokenizer_with_a_llama2_projection_is_refused(output_parent, capsys, tmp_path):
+def test_vicuna_v0_tokenizer_with_a_llama2_projection_is_refused(output_parent, tmp_path):
     llm = tiny_llm_with_vocabulary(tmp_path, vocabulary=32001)
-    assert_refused(LLAMA2.argv(output_parent / "out", {"--llm": llm}), output_parent, capsys,
+    assert_refused(LLAMA2.argv(output_parent / "out", {"--llm": llm}), output_parent,
                    f"--llm {llm}: the tokenizer has 32001 tokens, the vocabulary of Vicuna v0",
                    "Pass meta-llama/Llama-2-7b-chat-hf")

@@ -5,10 +5,11 @@ Every fenced `bash` and `python` block of README.md and docs/*.md is run, page b
 fresh folder that looks like a checkout (`minigpt4_hf/`, `scripts/`, `tests/`) and holds the tiny random model at
 `outputs/tiny-minigpt4`, where `minigpt4-quickstart` writes it. Bash blocks run in `bash -e -o pipefail`, with the
 console commands (`minigpt4-chat`, ...) running this checkout's code; python blocks of a page share one namespace,
-as a reader's session would. The console commands are served by tests/command_server.py, which imports their modules
-once and forks a child per command, so that the commands do not each pay for importing torch. A block that cannot
-run here (a GPU, real weights, the network, a long run) is marked `bash notest` / `python notest` and says why in its
-first line. The README's first block (the set-up lines) is run by CI (.ci/run).
+as a reader's session would. Only the answers' lengths are cut (TINY_SETTINGS). The console commands are served by
+tests/command_server.py, which imports their modules once and forks a child per command, so that the commands do
+not each pay for importing torch. A block that cannot run here (a GPU, real weights, the network, a long run) is
+marked `bash notest` / `python notest` and says why in its first line. The README's first block (the set-up lines)
+is run by CI (.ci/run).
 """
 
 import json
@@ -30,8 +31,11 @@ from conftest import REPO_ROOT
 PAGES = ["README.md", *sorted(str(path.relative_to(REPO_ROOT)) for path in (REPO_ROOT / "docs").glob("*.md"))]
 RUN = {"bash", "python"}
 NOT_RUN = {"bash notest", "python notest"}
-NOT_CODE = {"text", "json"}
+NOT_CODE = {"text", "json"}  # what a command prints or reads, shown as it is
 README_BYTES_LIMIT = 15_000
+# The tiny random model never ends its turn, so the pages' 300-token answers (the original chat's length) are cut
+# short here; nothing else in a block is changed.
+TINY_SETTINGS = {"max_new_tokens=300": "max_new_tokens=20"}
 # What a docs folder needs from the checkout (read only: blocks write their outputs next to these).
 CHECKOUT_PARTS = ("minigpt4_hf", "scripts", "tests")
 
@@ -206,16 +210,22 @@ def docs_folder(tmp_path, tiny_saved_dir):
 
 
 def run_bash(block: Block, folder: Path, env: dict[str, str]) -> None:
-    result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.code], cwd=folder, env=env,
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", with_tiny_settings(block.code)], cwd=folder,
+                            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         pytest.fail(f"{block.where}: the bash block exited with status {result.returncode}\n{block.code}\n"
                     f"--- stdout ---\n{result.stdout[-3000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
 
 
+def with_tiny_settings(code: str) -> str:
+    for written, tiny in TINY_SETTINGS.items():
+        code = code.replace(written, tiny)
+    return code
+
+
 def run_python(block: Block, namespace: dict) -> None:
     try:
-        exec(compile(block.code, block.where, "exec"), namespace)
+        exec(compile(with_tiny_settings(block.code), block.where, "exec"), namespace)
     except Exception:  # noqa: BLE001 (any failure of a documented block fails the test, with its traceback)
         pytest.fail(f"{block.where}: the python block raised\n{block.code}\n{traceback.format_exc()}")
 

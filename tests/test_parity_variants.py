@@ -26,6 +26,7 @@ from test_parity_original import (
     TOLERANCE_LOSS,
     TOLERANCE_NLL,
     capture_outputs,
+    chat_record,
     language_model_inputs,
     per_position_nll,
 )
@@ -155,38 +156,7 @@ def chat_results(model, processor, images, expected_json):
         name = record["image"]
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=images[name], text=prompt, return_tensors="pt")
-        prompt_length = inputs["input_ids"].shape[1]
-        captured, handle = language_model_inputs(model)
-        with torch.no_grad():
-            last_prompt_logits = model(**inputs).logits[0, -1]
-        handle.remove()
-        with torch.no_grad():
-            generated = model.generate(
-                **inputs, max_new_tokens=16, do_sample=False, num_beams=1, repetition_penalty=1.0,
-                output_scores=True, return_dict_in_generate=True,
-            )
-        new_ids = generated.sequences[0, prompt_length:]
-        teacher_forced_ids = torch.cat([inputs["input_ids"], new_ids[None, :-1]], dim=1)
-        with torch.no_grad():
-            teacher_forced = model(
-                input_ids=teacher_forced_ids, pixel_values=inputs["pixel_values"],
-                attention_mask=torch.ones_like(teacher_forced_ids),
-            ).logits[0, prompt_length - 1:]
-        ids = inputs["input_ids"][0].tolist()
-        image_positions = [i for i, token in enumerate(ids) if token == processor.image_token_id]
-        image_mask = inputs["input_ids"][0] == processor.image_token_id
-        results[name] = {
-            "prompt": prompt,
-            "segment_token_ids": [ids[: image_positions[0]], ids[image_positions[-1] + 1:]],
-            "context_embs": captured["inputs_embeds"][0],
-            "image_embs": captured["inputs_embeds"][0][image_mask],
-            "last_prompt_logits": last_prompt_logits,
-            "step_scores_processed": torch.stack([scores[0] for scores in generated.scores]),
-            "step_logits_raw_teacher_forced": teacher_forced,
-            "generated_ids": new_ids,
-            "answer_text": processor.decode_answers(generated.sequences, prompt_length=prompt_length)[0],
-        }
+        results[name] = chat_record(model, processor, images[name], prompt, max_new_tokens=16)
     return results
 
 

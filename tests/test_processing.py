@@ -321,3 +321,13 @@ def test_text_without_images_needs_no_pixels(tiny_shared):
     _, processor = tiny_shared
     inputs = processor(text="Hello", return_tensors="pt")
     assert "pixel_values" not in inputs
+
+
+def test_a_truncated_file_is_refused_even_when_another_library_allows_truncated_images(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # what lmms-eval's task module does on import
+    write_truncated_png(tmp_path / "cut.png")
+    with pytest.raises(ValueError, match="cut.png.*truncated"):
+        load_rgb_image(tmp_path / "cut.png")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the process-wide setting is left as it was

@@ -353,8 +353,9 @@ def test_command_line_flags_override_the_preset_in_either_spelling(model_dir, tm
 
 def test_help_shows_each_stage_presets_values():
     text = " ".join(train.build_parser().format_help().split())
-    assert "stage 1 (vicuna0, llama2): 0.0001; stage 2 (vicuna0, llama2): 3e-05" in text  # not the Trainer's 5e-05
-    assert "stage 1 (vicuna0, llama2): 32; stage 2 (vicuna0, llama2): 160; stage 3 (v2): 1024" in text
+    assert "vicuna0 stage 1: 0.0001; vicuna0 stage 2: 3e-05" in text  # --learning-rate, not the Trainer's 5e-05
+    assert "vicuna0 stage 1: 32; vicuna0 stage 2: 160" in text  # --max-txt-len
+    assert "v2 stage 3: 1e-05" in text and "v2 stage 3: 1024" in text
 
 
 def test_deepspeed_zero2_config_leaves_optimizer_and_schedule_to_the_trainer():
@@ -566,11 +567,21 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(model_dir, cc
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
 
 
-def test_a_checkpoint_of_a_run_is_refused_where_a_full_model_is_expected(stage2_run):
+def test_a_projection_checkpoint_on_its_base_model_gives_the_full_model(stage2_run, model_dir, tmp_path):
+    """The way docs/command-line.md ('Trainer checkpoints') gives from a checkpoint to a full model."""
     checkpoint = stage2_run["output_dir"] / "checkpoint-20"
-    with pytest.raises(InputError, match=f"{checkpoint} is a Trainer checkpoint \\(step 20: trained weights"):
-        load_model_and_processor(str(checkpoint), device="cpu")
-    check_model_path(stage2_run["output_dir"])  # the run's own folder is the full model
+    with pytest.raises(InputError, match="is a Trainer checkpoint"):
+        check_model_path(checkpoint)
+
+    model, processor = load_model_and_processor(str(model_dir), device="cpu")
+    init_projection(model, checkpoint / "model.safetensors")
+    model.save_pretrained(tmp_path / "full")
+    processor.save_pretrained(tmp_path / "full")
+
+    reloaded, _ = load_model_and_processor(str(tmp_path / "full"), device="cpu")
+    final = load_projection(stage2_run["output_dir"])  # the run ended at its checkpoint: the same projection
+    assert torch.equal(reloaded.language_projection.weight, final["language_projection.weight"])
+    assert torch.equal(reloaded.language_projection.bias, final["language_projection.bias"])
 
 
 def test_resumed_streaming_run_ends_with_the_weights_of_an_uninterrupted_run(model_dir, shards_dir, cc_sbu_dir,

@@ -86,38 +86,39 @@ def an_image(seed: int = 0, size: tuple[int, int] = (40, 30)) -> Image.Image:
 
 
 def parse(argv: list[str], tmp_path: Path):
-    """`(the tool's flags, TrainingArguments)` of a command line."""
+    """`(the tool's flags with the preset applied, TrainingArguments)`."""
     return train.parse_arguments([*argv, "--data_path", "x", "--output_dir", str(tmp_path)])
 
 
 def test_llama2_stage1_is_the_original_stage1_without_a_prompt(tmp_path):
-    args, training = parse(["--variant", "llama2", "--stage", "1", "--model_name_or_path", "m"], tmp_path)
-    assert (args.prompt_template, args.end_symbol, args.max_txt_len) == ("", "\n", 32)
-    assert (training.learning_rate, args.min_lr, training.warmup_steps, training.max_steps) == (1e-4, 8e-5, 5000,
-                                                                                                20000)
+    data_args, args = parse(["--variant", "llama2", "--stage", "1", "--model_name_or_path", "m"], tmp_path)
+    assert (data_args.prompt_template, data_args.end_symbol, data_args.max_txt_len) == ("", "\n", 32)
+    assert (args.learning_rate, data_args.min_lr, args.warmup_steps, args.max_steps) == (1e-4, 8e-5, 5000, 20000)
 
 
 def test_llama2_stage2_uses_the_inst_template_and_eos(tmp_path):
-    args, training = parse(["--variant", "llama2", "--stage", "2", "--model_name_or_path", "m"], tmp_path)
-    assert (args.prompt_template, args.end_symbol, args.max_txt_len) == ("[INST] {} [/INST] ", "</s>", 160)
-    assert (training.learning_rate, args.min_lr, training.warmup_steps, training.max_steps) == (3e-5, 1e-5, 200, 1000)
+    data_args, args = parse(["--variant", "llama2", "--stage", "2", "--model_name_or_path", "m"], tmp_path)
+    assert (data_args.prompt_template, data_args.end_symbol, data_args.max_txt_len) == ("[INST] {} [/INST] ", "</s>",
+                                                                                         160)
+    assert (args.learning_rate, data_args.min_lr, args.warmup_steps, args.max_steps) == (3e-5, 1e-5, 200, 1000)
 
 
 def test_v2_fine_tuning_preset_is_the_released_recipe(tmp_path):
-    args, training = parse(["--variant", "v2", "--stage", "3", "--model_name_or_path", "m"], tmp_path)
-    assert (training.learning_rate, args.min_lr, args.warmup_lr, training.warmup_steps) == (1e-5, 1e-6, 1e-6, 1000)
-    assert (training.weight_decay, training.max_steps) == (0.05, 50000)
-    assert (args.lora_r, args.lora_alpha, args.lora_dropout) == (64, 16, 0.05)
-    assert args.lora_target_modules == ["q_proj", "v_proj"]
-    assert (args.prompt_template, args.end_symbol, args.max_txt_len) == ("[INST] {} [/INST]", "</s>", 1024)
-    assert args.instruction_format == "<Img><ImageHere></Img> {} " and args.image_transform == "resize"
+    data_args, args = parse(["--variant", "v2", "--stage", "3", "--model_name_or_path", "m"], tmp_path)
+    assert (args.learning_rate, data_args.min_lr, data_args.warmup_lr, args.warmup_steps) == (1e-5, 1e-6, 1e-6, 1000)
+    assert (args.weight_decay, args.max_steps) == (0.05, 50000)
+    assert (data_args.lora_r, data_args.lora_alpha, data_args.lora_dropout) == (64, 16, 0.05)
+    assert data_args.lora_target_modules == ["q_proj", "v_proj"]
+    assert (data_args.prompt_template, data_args.end_symbol, data_args.max_txt_len) == ("[INST] {} [/INST]", "</s>",
+                                                                                         1024)
+    assert data_args.instruction_format == "<Img><ImageHere></Img> {} " and data_args.image_transform == "resize"
 
 
 def test_variant_defaults_to_the_model_config(tmp_path, v2):
     model, processor = v2
     model.save_pretrained(tmp_path / "v2-model")
-    args, _ = parse(["--stage", "3", "--model_name_or_path", str(tmp_path / "v2-model")], tmp_path)
-    assert args.variant == "v2" and args.max_txt_len == 1024
+    data_args, _ = parse(["--stage", "3", "--model_name_or_path", str(tmp_path / "v2-model")], tmp_path)
+    assert data_args.variant == "v2" and data_args.max_txt_len == 1024
 
 
 def test_a_stage_the_variant_has_no_preset_for_is_refused(tmp_path, capsys):

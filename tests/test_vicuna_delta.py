@@ -15,6 +15,7 @@ import torch
 from conftest import ORIGINAL_TINY
 from huggingface_hub.errors import EntryNotFoundError
 from minigpt4_hf.cli.convert import main as convert_main
+from minigpt4_hf.cli.options import UserError
 from minigpt4_hf.conversion import KINDS
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -173,40 +174,41 @@ def output_parent(tmp_path):
     return parent
 
 
-def refused(argv, output_parent, capsys) -> str:
-    assert convert_main(argv) == 2
-    message = capsys.readouterr().err.strip()
+def refused(argv, output_parent) -> str:
+    """The one-line message of the refusal (the tool prints it as `minigpt4-convert: error: ...`, exit 2)."""
+    with pytest.raises(UserError) as refusal:
+        convert_main(argv)
     assert list(output_parent.iterdir()) == []
-    return message
+    return str(refusal.value)
 
 
-def test_delta_of_another_model_size_is_refused_naming_file_and_key(tmp_path, output_parent, capsys):
+def test_delta_of_another_model_size_is_refused_naming_file_and_key(tmp_path, output_parent):
     # The tiny analogue of a 7B delta (width 4096) on a 13B LLaMA (width 5120).
     base = write_llama_folder(tmp_path / "llama-wide", llama_state(1000, hidden=80), "safetensors", 1000)
     delta = write_llama_folder(tmp_path / "delta", llama_state(1001), "bin", 1001, {"[PAD]": 1000})
-    message = refused(delta_argv(output_parent / "out", base, delta), output_parent, capsys)
+    message = refused(delta_argv(output_parent / "out", base, delta), output_parent)
     assert len(message.splitlines()) == 1
-    assert message.startswith(f"minigpt4-convert: error: --vicuna-delta {delta} (pytorch_model-00001-of-00002.bin): "
+    assert message.startswith(f"--vicuna-delta {delta} (pytorch_model-00001-of-00002.bin): "
                               "key 'model.embed_tokens.weight' has shape [1001, 64], but --llama-base ")
     assert "has [1000, 80] for it" in message and "another model size" in message
 
 
-def test_delta_missing_a_base_key_is_refused(tmp_path, output_parent, capsys):
+def test_delta_missing_a_base_key_is_refused(tmp_path, output_parent):
     state = llama_state(1001)
     del state["model.layers.1.mlp.up_proj.weight"]
     base = write_llama_folder(tmp_path / "llama", llama_state(1000), "safetensors", 1000)
     delta = write_llama_folder(tmp_path / "delta", state, "bin", 1001, {"[PAD]": 1000})
-    message = refused(delta_argv(output_parent / "out", base, delta), output_parent, capsys)
+    message = refused(delta_argv(output_parent / "out", base, delta), output_parent)
     assert f"--vicuna-delta {delta} has no key 'model.layers.1.mlp.up_proj.weight'" in message
 
 
-def test_unreachable_delta_hub_id_is_refused(tmp_path, output_parent, capsys, monkeypatch):
+def test_unreachable_delta_hub_id_is_refused(tmp_path, output_parent, monkeypatch):
     def offline(repo_id, filename, **kwargs):
         raise ConnectionError("no network")
 
     monkeypatch.setattr("minigpt4_hf.conversion.hf_hub_download", offline)
     base = write_llama_folder(tmp_path / "llama", llama_state(1000), "safetensors", 1000)
-    message = refused(delta_argv(output_parent / "out", base, "lmsys/vicuna-7b-delta-v0"), output_parent, capsys)
+    message = refused(delta_argv(output_parent / "out", base, "lmsys/vicuna-7b-delta-v0"), output_parent)
     assert "--vicuna-delta lmsys/vicuna-7b-delta-v0: not a local folder, and fetching it from the Hub failed" in message
 
 

@@ -2,9 +2,9 @@
 """
 Peak memory of `minigpt4-convert` on full-size inputs, against its bound 2 x --max-shard-size + 2 GB.
 
-    minigpt4-benchmark-conversion --inputs-dir /data/minigpt4-7b-random            # makes ~16 GB once
-    minigpt4-benchmark-conversion --inputs-dir /data/minigpt4-7b-random --max-shard-size 5GB
-    minigpt4-benchmark-conversion --inputs-dir /tmp/tiny-set --size tiny           # a quick check
+    python scripts/benchmark_conversion.py --inputs-dir /data/minigpt4-7b-random            # makes ~16 GB once
+    python scripts/benchmark_conversion.py --inputs-dir /data/minigpt4-7b-random --max-shard-size 5GB
+    python scripts/benchmark_conversion.py --inputs-dir /tmp/tiny-set --size tiny            # a quick check
 
 The first run writes random files with the shapes of the released 7B set (eva_vit_g.pth, the BLIP-2 Q-Former file, a
 Vicuna-7B v0 folder in safetensors shards, the projection) into --inputs-dir; later runs reuse them. The conversion
@@ -14,35 +14,34 @@ converted folder is deleted afterwards (--keep-output keeps it). --delete-inputs
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from minigpt4_hf.benchmark_conversion import SIZES, run
-from minigpt4_hf.cli.options import EXIT_FAILED, CommandLineParser, UserError, console_entry_point
-from minigpt4_hf.files import write_text_atomically
+from minigpt4_hf.cli.options import CommandLineParser, UserError, console_entry_point
 
 
 PROG = "minigpt4-benchmark-conversion"
+# The input sets of `minigpt4_hf.benchmark_conversion.SIZES` (the released 7B set, and a tiny one for a quick check).
+SIZE_CHOICES = ("7b", "tiny")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandLineParser(PROG, description=__doc__)
     parser.add_argument("--inputs-dir", type=Path, required=True,
-                        help="Where the random inputs are made (once) and reused; about 16 GB for --size 7b.")
-    parser.add_argument("--size", choices=sorted(SIZES), default="7b", help="Input shapes (default: %(default)s).")
+                        help="where the random inputs are made (once) and reused; about 16 GB for --size 7b")
+    parser.add_argument("--size", choices=SIZE_CHOICES, default="7b", help="input shapes (default: %(default)s)")
     parser.add_argument("--max-shard-size", default="1GB",
-                        help="The converter's --max-shard-size (default: %(default)s, so the bound is 4 GB).")
+                        help="the converter's --max-shard-size; the bound is 2 x it + 2 GB (default: %(default)s)")
     parser.add_argument("--keep-output", action="store_true",
-                        help="Keep the converted folder (default: off: deleted after measuring).")
+                        help="keep the converted folder (default: off: deleted after measuring)")
     parser.add_argument("--delete-inputs", action="store_true",
-                        help="Delete --inputs-dir after measuring (default: off).")
-    parser.add_argument("--json", type=Path, help="Also write the numbers here, as JSON (default: none).")
+                        help="delete --inputs-dir after measuring (default: off)")
+    parser.add_argument("--json", type=Path, help="also write the numbers here as JSON (default: none)")
     args = parser.parse_args(argv)
-    from huggingface_hub.serialization._base import parse_size_to_int  # imports no torch
+    from huggingface_hub import split_torch_state_dict_into_shards  # parses sizes; imports no torch
 
     try:
-        parse_size_to_int(args.max_shard_size)
+        split_torch_state_dict_into_shards({}, max_shard_size=args.max_shard_size)
     except ValueError as error:
         parser.error(f"--max-shard-size {args.max_shard_size!r}: {error}")
     return args
@@ -50,14 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from minigpt4_hf.benchmark_conversion import run
+    from minigpt4_hf.files import write_text_atomically
+
     try:
         measurement = run(args.inputs_dir.absolute(), args.size, args.max_shard_size,
                           keep_output=args.keep_output, delete_inputs=args.delete_inputs)
-    except FileExistsError as error:
+    except (FileExistsError, RuntimeError) as error:
         raise UserError(str(error)) from None
-    except RuntimeError as error:  # the conversion itself failed: not the input
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return EXIT_FAILED
     print(measurement.table())
     if args.json:
         write_text_atomically(args.json, json.dumps({**asdict(measurement), "ratio": measurement.ratio}, indent=2))

@@ -6,13 +6,17 @@ Caption (or ask one question about) many images with MiniGPT-4, in left-padded b
     minigpt4-caption --model PATH_OR_ID --images 'photos/**/*.jpg' --output captions.jsonl \\
         --prompt "What is unusual about this image?" --batch-size 16
     minigpt4-caption --model PATH_OR_ID --images photos/ --output answers.jsonl --prompt-file question.txt
+    minigpt4-caption --model MINIGPT_V2 --images photos/ --output boxes.jsonl --task grounding \\
+        --prompt "describe this image in detail"
 
 Writes one JSON line per image: {"image", "prompt", "answer", "generation"}, or "error" instead of "answer" when the
-image cannot be read. The output is a journal: each batch is appended whole and synced to disk, so Ctrl-C (or a
+image cannot be read. With `--task` the line also holds "task"; a MiniGPT-v2 model's lines hold "boxes", the phrases
+and pixel boxes of the answer (`[{"phrase": str or null, "box": [x1, y1, x2, y2]}]`), and "box_problems" when some box
+text cannot be read. A prompt that cannot fit the model's context with one image and --max-new-tokens is refused
+before any image. The output is a journal: each batch is appended whole and synced to disk, so Ctrl-C (or a
 crash) loses nothing already written, and running the same command again skips the images that the output already
 has (a last line cut short by a kill is removed first).
 
-A prompt that cannot fit the model's context with one image and --max-new-tokens is refused before any image.
 Generation is greedy by default (reproducible, independent of the batch size and order); --sample samples with the
 original chat's settings (top-p 0.9, temperature 1.0).
 """
@@ -23,7 +27,7 @@ import os
 import sys
 
 from minigpt4_hf.cli.options import CommandLineParser, UserError, add_inference_arguments, load_model_from_args
-from minigpt4_hf.cli.options import console_entry_point, positive_int
+from minigpt4_hf.cli.options import add_task_argument, check_task_fits_model, console_entry_point, positive_int
 from minigpt4_hf.inputs import check_model_path
 from minigpt4_hf.journal import Journal
 
@@ -43,8 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="The JSON Lines file to append to (created if missing).")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=DEFAULT_PROMPT, help="The question for every image (default: %(default)r).")
-    prompt.add_argument("--prompt-file", help="Read the question for every image from this UTF-8 file, for long or "
-                        "multi-line prompts (default: none).")
+    prompt.add_argument("--prompt-file",
+                        help="Read the question for every image from this UTF-8 file, for long or multi-line prompts "
+                        "(default: none).")
+    add_task_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="Images per generate() call (default: %(default)s).")
     parser.add_argument(
@@ -102,14 +108,18 @@ def finished_images(journal: Journal, retry_errors: bool = False) -> set[str]:
     return {key for key, record in journal.records.items() if not (retry_errors and "answer" not in record)}
 
 
-def caption_batch(model, processor, paths: list[str], prompt: str, generate_kwargs: dict, generation: dict):
-    """One record per path, in order: the answer, or the reason the image could not be read."""
-    from minigpt4_hf.inference import answer_batch
+def caption_batch(model, processor, paths: list[str], prompt: str, generate_kwargs: dict, generation: dict,
+                  task: str | None = None):
+    """
+    One record per path, in order: the answer (and, from MiniGPT-v2, its boxes in pixels), or the reason the image
+    could not be read.
+    """
+    from minigpt4_hf.inference import answer_batch, answers_have_boxes, grounded_boxes
     from processing_minigpt4 import load_rgb_image
 
     records, images, readable = [], [], []
     for path in paths:
-        record = {"image": path, "prompt": prompt}
+        record = {"image": path, "prompt": prompt, **({"task": task} if task else {})}
         try:
             images.append(load_rgb_image(path))
             readable.append(record)
@@ -117,8 +127,13 @@ def caption_batch(model, processor, paths: list[str], prompt: str, generate_kwar
             record["error"] = str(error)
         records.append(record)
     if images:
-        for record, answer in zip(readable, answer_batch(model, processor, images, prompt, generate_kwargs)):
+        answers = answer_batch(model, processor, images, prompt, generate_kwargs, task=task)
+        for record, image, answer in zip(readable, images, answers):
             record["answer"] = answer
+            if answers_have_boxes(model):
+                record["boxes"], problems = grounded_boxes(processor, answer, image.size)
+                if problems:
+                    record["box_problems"] = problems
     for record in records:
         record["generation"] = generation
     return records
@@ -127,6 +142,7 @@ def caption_batch(model, processor, paths: list[str], prompt: str, generate_kwar
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_model_path(args.model)
+    check_task_fits_model(args)
     paths = list_images(args.images)
     journal = open_output(args.output)
     finished = finished_images(journal, retry_errors=args.retry_errors)
@@ -141,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    model, processor, generate_kwargs = load_model_from_args(args)
     from minigpt4_hf.inference import check_question_fits
 
-    model, processor, generate_kwargs = load_model_from_args(args)
     try:
-        check_question_fits(model, processor, args.prompt, args.max_new_tokens)
+        check_question_fits(model, processor, args.prompt, args.max_new_tokens, task=args.task)
     except ValueError as error:
         raise UserError(f"{'--prompt-file ' + args.prompt_file if args.prompt_file else '--prompt'}: {error}") from None
     generation = {**generate_kwargs, "seed": args.seed}
@@ -158,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             for start in range(0, len(pending), args.batch_size):
                 batch = pending[start : start + args.batch_size]
                 try:
-                    records = caption_batch(model, processor, batch, args.prompt, generate_kwargs, generation)
+                    records = caption_batch(model, processor, batch, args.prompt, generate_kwargs, generation,
+                                            task=args.task)
                 except torch.OutOfMemoryError:
                     raise UserError(
                         f"Out of GPU memory with --batch-size {args.batch_size}: lower it and run the same command "

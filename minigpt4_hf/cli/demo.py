@@ -27,12 +27,13 @@ from minigpt4_hf.generation import CHAT_GENERATION_DEFAULTS, ORIGINAL_CONTEXT_BU
 from minigpt4_hf.inputs import check_model_path
 
 
-if TYPE_CHECKING:  # torch is imported once the flags are parsed
+PROG = "minigpt4-demo"
+
+if TYPE_CHECKING:
     from minigpt4_hf.inference import Conversation
 
-logger = logging.getLogger(__name__)
 
-PROG = "minigpt4-demo"
+logger = logging.getLogger(__name__)
 
 TITLE = "# MiniGPT-4\nUpload an image, press **Upload & Start Chat**, then ask about it."
 TITLE_V2 = "# MiniGPT-v2\nUpload an image, press **Upload & Start Chat**, pick a task (or none), then ask."
@@ -66,23 +67,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandLineParser(PROG, description=__doc__)
     add_inference_arguments(parser, sample=True)
     server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1",
-                        help="Address to serve on; 0.0.0.0 = every interface (default: %(default)s).")
-    server.add_argument("--port", type=positive_int, default=7860, help="Port to serve on (default: %(default)s).")
     server.add_argument(
-        "--max-queue-size", type=positive_int, default=DEFAULT_MAX_QUEUE_SIZE,
+        "--host", default="127.0.0.1", help="Address to serve on (default 127.0.0.1; 0.0.0.0: every interface)."
+    )
+    server.add_argument("--port", type=int, default=7860, help="Port to serve on (default: %(default)s).")
+    server.add_argument(
+        "--max-queue-size",
+        type=positive_int,
+        default=DEFAULT_MAX_QUEUE_SIZE,
         help="Most requests that may wait in the queue at once (answers wait there for the model); beyond it a new "
         "one is told the demo is busy (default: %(default)s).",
     )
-    server.add_argument("--share", action="store_true",
-                        help="Also open a public gradio.live link, as the original did (default: off).")
+    server.add_argument("--share", action="store_true", help="Also open a public gradio.live link, as the original did (default: off).")
     parser.add_argument(
-        "--max-context-tokens", type=positive_int, default=ORIGINAL_CONTEXT_BUDGET,
+        "--max-context-tokens",
+        type=positive_int,
+        default=ORIGINAL_CONTEXT_BUDGET,
         help="Token budget of prompt + answer; older turns are dropped beyond it (default: %(default)s, the "
         "original's).",
     )
     args = parser.parse_args(argv)
-    if args.port > 65535:
+    if not 0 < args.port < 65536:
         parser.error(f"--port must be between 1 and 65535, got {args.port}")
     return args
 

@@ -3,7 +3,7 @@
 Load test of the web demo with a real client: starts the demo on 127.0.0.1 (never another address), drives it from
 --sessions concurrent `gradio_client` sessions, and checks that every session gets its own answers.
 
-    minigpt4-demo-load-test --model PATH --sessions 8
+    python scripts/demo_load_test.py --model PATH --sessions 8
 
 Each session uploads a different image and asks two questions (greedy). Every answer is compared with the same chat
 run alone in this process (`Conversation`): the chat a session sees after each answer must equal that chat exactly.
@@ -37,14 +37,12 @@ from minigpt4_hf.cli.options import (
     CommandLineParser,
     UserError,
     add_model_arguments,
-    check_extra_installed,
     console_entry_point,
     generation_kwargs_from_args,
     model_loading_kwargs,
     positive_float,
     positive_int,
 )
-from minigpt4_hf.inputs import check_model_path
 
 
 PROG = "minigpt4-demo-load-test"
@@ -63,8 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Concurrent browser-like sessions (default: %(default)s).")
     parser.add_argument("--max-new-tokens", type=positive_int, default=16,
                         help="Tokens per answer (default: %(default)s).")
-    parser.add_argument("--max-rss-growth-mb", type=positive_float, default=DEFAULT_MAX_RSS_GROWTH_MB,
-                        help="Fail when the server's memory grows more than this many MB (default: %(default)s).")
+    parser.add_argument(
+        "--max-rss-growth-mb", type=positive_float, default=DEFAULT_MAX_RSS_GROWTH_MB,
+        help="Fail when the server's memory grows more than this many MB (default: %(default)s).",
+    )
     parser.add_argument("--timeout", type=positive_float, default=600,
                         help="Seconds one step (start, upload, answer) may take (default: %(default)s).")
     return parser.parse_args(argv)
@@ -261,9 +261,11 @@ def stop(server: subprocess.Popen) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    check_model_path(args.model)
-    check_extra_installed("demo", "gradio_client", "psutil")
-    from minigpt4_hf.inference import load_model_and_processor
+    try:
+        import gradio_client  # noqa: F401
+        import psutil  # noqa: F401
+    except ImportError as error:
+        raise UserError(f"The load test needs {error.name}: pip install '.[demo]'.") from None
     port = free_port()
     flags = demo_flags(args, port)
     url = f"http://{HOST}:{port}/"
@@ -273,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(log_path, "w", encoding="utf-8") as log:
             server = start_server(flags, log)
             try:
-                model, processor = load_model_and_processor(args.model, **model_loading_kwargs(args))  # meanwhile
+                from minigpt4_hf.inference import load_model_and_processor
+
+                # loaded while the server starts
+                model, processor = load_model_and_processor(args.model, **model_loading_kwargs(args))
                 expected = expected_chats(model, processor, images[:-1], demo.parse_args(flags))
                 wait_until_serving(server, url, args.timeout, log_path)
                 warm_up = run_session(url, images[-1], None, args.timeout)

@@ -35,25 +35,20 @@ EPILOG = (
 UserError = InputError
 
 
-def run_reporting_errors(main: Callable[[], object], prog: str) -> int:
+def run_main(main: Callable[[], object], prog: str) -> None:
     """
-    Runs a tool's `main` and returns its exit status (an int it returns; anything else, e.g. a result dict, counts as
-    done), turning `UserError` into `prog: error: MESSAGE` on stderr and status 2, Ctrl-C into status 130.
+    Runs a tool's `main` and exits with its status (an int; anything else, e.g. a result dict, counts as done),
+    turning `UserError` into `prog: error: MESSAGE` on stderr and exit status 2.
     """
     try:
         status = main()
     except UserError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return status if isinstance(status, int) else EXIT_OK
-
-
-def run_main(main: Callable[[], object], prog: str) -> None:
-    """`run_reporting_errors`, then exit with its status."""
-    sys.exit(run_reporting_errors(main, prog))
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(status if isinstance(status, int) else EXIT_OK)
 
 
 def console_entry_point(main: Callable[[], object], prog: str) -> Callable[[], None]:
@@ -250,3 +245,37 @@ def load_model_from_args(args: argparse.Namespace):
     model, processor = load_model_and_processor(args.model, **model_loading_kwargs(args))
     seed_if_asked(args.seed)
     return model, processor, generation_kwargs_from_args(args)
+
+
+def add_task_argument(parser: argparse.ArgumentParser) -> None:
+    """`--task`: the MiniGPT-v2 task identifier written at the start of every question."""
+    parser.add_argument(
+        "--task", default=None, metavar="TASK",
+        help="MiniGPT-v2 only: start every question with this task identifier (vqa, caption, grounding, refer, "
+        "detection, identify), as the original was trained; answers with boxes also get them in pixels (default: "
+        "no identifier).",
+    )
+
+
+def check_task_fits_model(args: argparse.Namespace) -> None:
+    """
+    Refuses an unknown `--task`, or `--task` for a model other than MiniGPT-v2, reading only the model's config
+    (before the weights load).
+    """
+    if args.task is None:
+        return
+    from processing_minigpt4 import TASK_IDENTIFIERS
+
+    if args.task not in TASK_IDENTIFIERS:
+        raise UserError(f"--task {args.task}: not a MiniGPT-v2 task; choose one of {', '.join(TASK_IDENTIFIERS)}.")
+    from configuration_minigpt4 import MiniGPT4Config
+
+    try:
+        variant = MiniGPT4Config.from_pretrained(args.model).variant
+    except (OSError, ValueError):
+        return  # the loader reports an unreadable model
+    if variant != "v2":
+        raise UserError(
+            f"--task {args.task}: task identifiers are MiniGPT-v2 prompts, and {args.model} is a {variant} model; "
+            "drop --task."
+        )

@@ -2,17 +2,17 @@
 MiniGPT-4 / MiniGPT-v2 training with the stock transformers `Trainer`.
 
     minigpt4-train [--variant {vicuna0,llama2,v2}] --stage N --model FOLDER_OR_HUB_ID --data-path PATH [PATH ...] \\
-        --output-dir DIR [any TrainingArguments flag] [--init-projection FILE] [--lora-r 64 ...] [--unfreeze-qformer]
+        [--data-ratios R ...] --output-dir DIR [any TrainingArguments flag] [--init-projection FILE] [--lora-r 64 ...]
 
 `--variant` (default: the model's own, from its config) and `--stage` fill in the original recipe of that variant
-(the "(default: stage N (variant): ...)" values below): stages 1 and 2 of MiniGPT-4 with Vicuna v0 or Llama-2,
-stage 3 (the released fine-tuning) of MiniGPT-v2. Any flag given on the command line wins over the preset. Every
-other transformers `TrainingArguments` flag works too (`--bf16`, `--gradient-accumulation-steps`, `--save-strategy`,
-`--report-to`, `--deepspeed`, ...; `--help-trainer` lists them). The same command runs under `torchrun`,
-`accelerate launch` and DeepSpeed (`--deepspeed minigpt4_hf/ds_zero2.json`).
+(the "(default: ...)" values below): stages 1 and 2 of MiniGPT-4 with Vicuna v0 or Llama-2, stage 3 (the released
+fine-tuning) of MiniGPT-v2. Any flag given on the command line wins over the preset. Every other transformers `TrainingArguments` flag works too
+(`--bf16`, `--gradient-accumulation-steps`, `--save-strategy`, `--report-to`, `--deepspeed`, ...; `--help-trainer`
+lists them). The same command runs under `torchrun`, `accelerate launch` and DeepSpeed
+(`--deepspeed minigpt4_hf/ds_zero2.json`).
 
 The final model goes to --output-dir; checkpoints go to its checkpoint-N folders and hold the trained weights only
-(docs/training.md, "A full model from a Trainer checkpoint folder", turns one into a full model).
+(see docs/command-line.md, "Trainer checkpoints", for turning one into a full model).
 """
 
 import argparse
@@ -68,17 +68,15 @@ def boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+# Every preset of every variant, as (variant, stage, values).
 PRESETS = [(variant, stage, preset) for variant, stages in TRAINING_PRESETS.items() for stage, preset in stages.items()]
 STAGES = sorted({stage for _, stage, _ in PRESETS})
 
 
-def preset_default(name: str) -> str:
-    """'stage 1 (vicuna0, llama2): X; stage 2 (vicuna0, llama2): Y; ...' for a flag the presets set."""
-    labels: dict[tuple[int, str], list[str]] = {}
-    for variant, stage, preset in PRESETS:
-        if name in preset:
-            labels.setdefault((stage, repr(preset[name])), []).append(variant)
-    return "; ".join(f"stage {stage} ({', '.join(variants)}): {value}" for (stage, value), variants in labels.items())
+def preset_default(name: str, fallback=None) -> str:
+    """'vicuna0 stage 1: X; ...' for a flag that presets set (and `fallback`, its value where no preset sets it)."""
+    parts = [f"{variant} stage {stage}: {preset[name]!r}" for variant, stage, preset in PRESETS if name in preset]
+    return "; ".join(([f"{fallback!r}"] if fallback is not None else []) + parts)
 
 
 def model_variant(model_path: str | None) -> str | None:
@@ -99,28 +97,30 @@ def build_parser() -> CommandLineParser:
     """
     parser = CommandLineParser(PROG, description=__doc__)
     own = set()
-    parser.base_defaults = {}
+    # What a flag that some presets set takes where the chosen preset does not set it.
+    parser.preset_fallbacks = {}
 
     def add_flag(container, *names: str, help: str, **kwargs):
-        """
-        A flag. One that a preset sets gets None as its argparse default (filled in from the variant's stage preset,
-        else `base_defaults`) and the presets' values in its help.
-        """
+        """A flag; a preset one gets None as its default (filled from the stage) and the presets in its help."""
         dest = names[0][2:].replace("-", "_")
         own.add(dest)
-        if kwargs.get("action") == "store_true":
+        if any(dest in preset for _, _, preset in PRESETS):
+            fallback = kwargs.pop("default", None)
+            if kwargs.get("action") == "store_true":
+                del kwargs["action"]
+                kwargs.update(type=boolean, nargs="?", const=True, metavar="true|false")
+                fallback = False
+            parser.preset_fallbacks[dest] = fallback
+            kwargs["default"] = None
+            help = f"{help} (default: {preset_default(dest, fallback)})"
+        elif kwargs.get("action") == "store_true":
             # On/off flags also take a value (`--merge-lora false`), as TrainingArguments' booleans do.
             del kwargs["action"]
             kwargs.update(type=boolean, nargs="?", const=True, default=False, metavar="true|false")
-        base = kwargs.get("default")
-        shown = "off" if base is False else base
-        if any(dest in preset for _, _, preset in PRESETS):
-            parser.base_defaults[dest] = kwargs.pop("default", None)
-            kwargs["default"] = None
-            help = f"{help} (default: " + (f"{shown}; " if base is not None else "") + f"{preset_default(dest)})"
+            help = f"{help} (default: off)"
         elif "default" in kwargs and "(default" not in help:
-            help = f"{help} (default: {shown})"
-        container.add_argument(*names, help=help.replace("%", "%%"), **kwargs)
+            help = f"{help} (default: %(default)s)"
+        container.add_argument(*names, help=help, **kwargs)
 
     parser.add_argument("--help-trainer", action="store_true",
                         help="List every transformers TrainingArguments flag and exit (this imports torch).")
@@ -184,8 +184,8 @@ def build_parser() -> CommandLineParser:
              help="How a conversation's later questions are written before the template")
     add_flag(data, "--prompts-file",
              help="Instructions, one per line with <ImageHere> (default: the original alignment.txt prompts).")
-    add_flag(data, "--clean-captions", help="Clean captions as the original blip_caption (true/false).",
-             type=boolean, nargs="?", const=True, default=False, metavar="true|false")
+    add_flag(data, "--clean-captions", help="Clean captions as the original blip_caption (true/false).", type=boolean,
+             nargs="?", const=True)
     add_flag(data, "--max-caption-words", help="Word limit of caption cleaning", type=positive_int, default=50)
     add_flag(data, "--image-transform", choices=IMAGE_TRANSFORMS, default="random_resized_crop",
              help="random_resized_crop (the released weights' recipe) or resize (a plain squash)")
@@ -195,8 +195,8 @@ def build_parser() -> CommandLineParser:
              help="Shuffle buffer of streamed (webdataset) data")
 
     schedule = parser.add_argument_group("learning rate")
-    add_flag(schedule, "--min-lr", help="Final learning rate of the cosine.", type=float, default=0.0)
-    add_flag(schedule, "--warmup-lr", help="Learning rate at the first warmup step.", type=float, default=0.0)
+    add_flag(schedule, "--min-lr", help="Final learning rate of the cosine.", type=float)
+    add_flag(schedule, "--warmup-lr", help="Learning rate at the first warmup step.", type=float)
     add_flag(schedule, "--lr-schedule", choices=["linear_warmup_cosine", "trainer"],
              help="linear_warmup_cosine (the original's) or trainer (--lr-scheduler-type) (default: trainer when "
              "--lr-scheduler-type is given, else linear_warmup_cosine).")
@@ -204,8 +204,8 @@ def build_parser() -> CommandLineParser:
     trainer = parser.add_argument_group(
         "TrainingArguments flags the stage presets set (every other TrainingArguments flag is accepted too)"
     )
-    parser.trainer_preset_flags = [name for name in dict.fromkeys(key for _, _, preset in PRESETS for key in preset)
-                                   if name not in own]
+    parser.trainer_preset_flags = [name for name in dict.fromkeys(key for _, _, preset in PRESETS
+                                                                   for key in preset) if name not in own]
     for name in parser.trainer_preset_flags:
         add_flag(trainer, "--" + name.replace("_", "-"), metavar="VALUE",
              help=TRAINER_FLAG_HELP.get(name, f"TrainingArguments.{name}."))
@@ -221,7 +221,7 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
     """
     The tool's own flags, with the variant's stage preset filled in where the command line gave nothing, and in
     `trainer_argv` what goes to `TrainingArguments`: the preset's Trainer flags, then the command line's. The variant
-    is `--variant`, else the model folder's `config.variant`, else vicuna0; a `--variant` that contradicts the
+    is `--variant`, else the model folder's `config.variant`, else `vicuna0`; a `--variant` that contradicts the
     model's config is an error. Parses without importing torch.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -233,7 +233,6 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
         parser.exit(0)
     args, unknown = parser.parse_known_args(argv)
     given = _flag_names(argv)
-
     from_model = model_variant(args.model)
     if args.variant and from_model and args.variant != from_model:
         parser.error(f"--variant {args.variant}: the model {args.model} is a {from_model} model (its config.json says "
@@ -246,15 +245,19 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
     preset = stages[args.stage]
 
     trainer_argv = ["--output_dir", args.output_dir]
+    for name, value in preset.items():
+        if getattr(args, name) is not None:
+            continue
+        if name in parser.trainer_preset_flags:
+            trainer_argv += [f"--{name}", str(value)]
+        else:
+            setattr(args, name, value)
     for name in parser.trainer_preset_flags:
-        if name in given:
+        if getattr(args, name) is not None and name in given:
             trainer_argv += [f"--{name}", getattr(args, name)]
-        elif name in preset:
-            value = preset[name]
-            trainer_argv += [f"--{name}", *([str(item) for item in value] if isinstance(value, list) else [str(value)])]
-    for name, base in parser.base_defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, preset.get(name, base))
+    for name, fallback in parser.preset_fallbacks.items():
+        if getattr(args, name) is None and fallback is not None:
+            setattr(args, name, fallback)
     args.trainer_argv = trainer_argv + unknown
     args.given = given
 
@@ -262,7 +265,7 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
         args.data_ratios = []
     for name in ("end_symbol", "instruction_format", "followup_format"):
         value = getattr(args, name)
-        if name in given and "\\" in value:
+        if value is not None and "\\" in value and name in given:
             setattr(args, name, value.encode("utf-8").decode("unicode_escape"))
     if args.lr_schedule is None:
         args.lr_schedule = "trainer" if "lr_scheduler_type" in given else "linear_warmup_cosine"
