@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from configuration_minigpt4 import MiniGPT4Config
 from minigpt4_hf.inputs import InputError
+from minigpt4_hf.recipe import RELEASED_LORA_DROPOUT
 from modeling_minigpt4 import MiniGPT4ForConditionalGeneration
 
 
@@ -564,6 +565,11 @@ def _delta_shapes_fit(key: str, base_shape: tuple[int, ...], delta_shape: tuple[
     )
 
 
+def _and_more(keys: list[str]) -> str:
+    """' (and N more)' after the first of `keys` named in a message, or nothing for one key."""
+    return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+
+
 def read_vicuna_delta(base: InputFile, delta: InputFile) -> InputFile:
     """
     The Vicuna v0 language model as an input of kind `--llm`: each tensor reads the LLaMA base tensor and the delta
@@ -579,19 +585,14 @@ def read_vicuna_delta(base: InputFile, delta: InputFile) -> InputFile:
                 "size (vicuna-7b-delta-v0 goes with LLaMA-7B, vicuna-13b-delta-v0 with LLaMA-13B)."
             )
     missing = [key for key in base.tensors if key not in delta.tensors]
-    if missing:
-        raise ConversionError(
-            f"{delta.origin} has no key {missing[0]!r}, which {base.tensors[missing[0]].origin} holds"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + ": the delta is not a Vicuna delta of this LLaMA."
-        )
     extra = [key for key in delta.tensors if key not in base.tensors]
+    if missing:
+        raise ConversionError(f"{delta.origin} has no key {missing[0]!r}, which {base.tensors[missing[0]].origin} "
+                              f"holds{_and_more(missing)}: the delta is not a Vicuna delta of this LLaMA.")
     if extra:
-        raise ConversionError(
-            f"{delta.tensors[extra[0]].origin}: key {extra[0]!r} has no counterpart in {base.origin}"
-            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-            + ": the delta belongs to another model (a 13B delta on a 7B LLaMA?)."
-        )
+        raise ConversionError(f"{delta.tensors[extra[0]].origin}: key {extra[0]!r} has no counterpart in "
+                              f"{base.origin}{_and_more(extra)}: the delta belongs to another model (a 13B delta on "
+                              "a 7B LLaMA?).")
     origin = f"{base.origin} + {delta.origin}"
     tensors = {}
     for key, delta_tensor in delta.tensors.items():
@@ -948,10 +949,6 @@ def _derive_qformer_config(plan: ConversionPlan, qformer: dict, vision_width: in
 # The image size a family runs at when it differs from the ViT file's 224 px (`minigpt4/configs/models/
 # minigpt_v2.yaml@d94738a`: image_size 448).
 VARIANT_IMAGE_SIZES = {"v2": 448}
-# LoRA of the released MiniGPT-v2 (`minigpt4/models/minigpt_v2.py@d94738a`): the rank is in the tensors' shapes, the
-# alpha is not; dropout only mattered in training.
-RELEASED_LORA_ALPHA = 16
-RELEASED_LORA_DROPOUT = 0.05
 # Vocabulary sizes of the released language models: Vicuna v0 = LLaMA's 32000 + "[PAD]"; Llama-2-chat = 32000.
 VICUNA_V0_VOCABULARY = 32001
 LLAMA2_VOCABULARY = 32000

@@ -32,6 +32,11 @@ BOS_TEXT = "<s>"
 # `BlipCaptionProcessor(max_words=50)`.
 CAPTION_MAX_WORDS = 50
 
+# LoRA of the released MiniGPT-v2 (`minigpt4/models/minigpt_v2.py@d94738a`): the rank is in the tensors' shapes, the
+# alpha is not; dropout only mattered in training.
+RELEASED_LORA_ALPHA = 16
+RELEASED_LORA_DROPOUT = 0.05
+
 # The original MiniGPT-4 (Vicuna v0) runs; MiniGPT-4 with Llama-2 used the same schedule
 # (train_configs/minigpt4_llama2_stage{1_pretrain,2_finetune}.yaml).
 _STAGE1 = {
@@ -107,8 +112,8 @@ TRAINING_PRESETS: dict[str, dict[int, dict[str, Any]]] = {
             "clean_captions": False,
             "image_transform": "resize",
             "lora_r": 64,
-            "lora_alpha": 16,
-            "lora_dropout": 0.05,
+            "lora_alpha": RELEASED_LORA_ALPHA,
+            "lora_dropout": RELEASED_LORA_DROPOUT,
             "lora_target_modules": ["q_proj", "v_proj"],
         },
     },

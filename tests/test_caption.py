@@ -224,7 +224,7 @@ def test_a_broken_line_inside_the_output_is_refused(tiny_saved_dir, tmp_path):
 
 
 def test_ctrl_c_keeps_every_written_line_and_a_rerun_finishes_the_rest(tiny_saved_dir, tmp_path):
-    paths = make_images(tmp_path / "images", 60)
+    paths = make_images(tmp_path / "images", 30)
     output = tmp_path / "captions.jsonl"
     command = [sys.executable, str(REPO_ROOT / "scripts" / "caption.py"), "--model", str(tiny_saved_dir),
                "--images", str(tmp_path / "images"), "--output", str(output), "--batch-size", "1",

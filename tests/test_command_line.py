@@ -132,8 +132,9 @@ def test_help_gives_every_optional_flag_its_default(tool, capsys, monkeypatch):
         assert "(default" in entries[flag], entries[flag]
 
 
-@pytest.mark.parametrize("tool", ["minigpt4-chat", "minigpt4-caption", "minigpt4-demo",
-                                  "minigpt4-build-stage2-data", "minigpt4-train", "minigpt4-convert"])
+@pytest.mark.parametrize("tool", ["minigpt4-chat", "minigpt4-caption", "minigpt4-demo", "minigpt4-demo-load-test",
+                                  "minigpt4-evaluate", "minigpt4-build-stage2-data", "minigpt4-train",
+                                  "minigpt4-convert"])
 def test_dtype_takes_the_same_choices_in_every_tool(tool, capsys, monkeypatch):
     assert "--dtype {auto,float32,bfloat16,float16}" in help_text(tool, capsys, monkeypatch)
 
@@ -207,6 +208,10 @@ BAD_INPUT = {  # case -> ([module in minigpt4_hf.cli, *argv], the start of the o
     "missing model folder of the demo": (
         ["demo", "--model", "./model"],
         "minigpt4-demo: error: --model ./model: no such folder.",
+    ),
+    "missing model folder of the demo load test": (
+        ["demo_load_test", "--model", "./model", "--sessions", "2"],
+        "minigpt4-demo-load-test: error: --model ./model: no such folder.",
     ),
     "missing image of the quickstart": (
         ["quickstart", "--image", "photo.jpg", "--output-dir", "tiny"],

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from minigpt4_hf.cli.options import EXIT_FAILED, CommandLineParser, UserError, console_entry_point
 from minigpt4_hf.inputs import DTYPE_CHOICES, check_file, check_folder, looks_like_hub_id
+from minigpt4_hf.recipe import RELEASED_LORA_ALPHA
 
 
 PROG = "minigpt4-convert"
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "language model's weights (in float32, then cast), or write them as a PEFT adapter into "
                          "OUTPUT_DIR/adapter (load it with model.load_adapter or PeftModel.from_pretrained) "
                          "(default: %(default)s)")
-    variant.add_argument("--lora-alpha", type=float, default=16.0,
+    variant.add_argument("--lora-alpha", type=float, default=float(RELEASED_LORA_ALPHA),
                          help="LoRA alpha: not stored in the checkpoint (the rank is read from the shapes) (default: "
                          "%(default)s, the released MiniGPT-v2's)")
     sources.add_argument("--allow-unsafe-pickle", action="store_true",

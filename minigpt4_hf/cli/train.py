@@ -407,13 +407,8 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         processor.image_processor.size = {"height": image_size, "width": image_size}
 
     model = prepare_model_for_training(
-        model,
-        unfreeze_qformer=args.unfreeze_qformer,
-        projection_file=args.init_projection,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        lora_target_modules=args.lora_target_modules,
+        model, unfreeze_qformer=args.unfreeze_qformer, projection_file=args.init_projection, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_target_modules=args.lora_target_modules,
     )
     logger.info("Training %s", trainable_parameter_summary(model))
 
