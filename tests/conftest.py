@@ -44,6 +44,16 @@ def tiny_saved_dir(tmp_path_factory, tiny_shared):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_v2_saved_dir(tmp_path_factory):
+    """A tiny random MiniGPT-v2 (task identifiers, grounding) saved with `save_pretrained`: do not modify it."""
+    model, processor = build_random_model("tiny", variant="v2")
+    folder = tmp_path_factory.mktemp("tiny_v2")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def redraw_vision_side_weights(model, seed: int = 0) -> None:
     """
     Draws the weights of the ViT, the Q-Former and the projection again, unit-variance (scaled by fan-in). With their

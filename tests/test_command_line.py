@@ -109,7 +109,8 @@ def test_the_command_line_docs_list_every_tool_with_its_launcher():
     listed = dict(re.findall(r"^\| `(minigpt4-[\w-]+)` \| `python scripts/(\w+)\.py` \|", page, flags=re.MULTILINE))
     assert set(listed) == set(TOOLS)
     for tool, launcher in listed.items():
-        assert f"from minigpt4_hf.cli.{TOOLS[tool]} import cli" in (REPO_ROOT / "scripts" / f"{launcher}.py").read_text()
+        launcher_code = (REPO_ROOT / "scripts" / f"{launcher}.py").read_text()
+        assert f"from minigpt4_hf.cli.{TOOLS[tool]} import cli" in launcher_code
 
 
 @pytest.mark.parametrize("tool", TOOLS)

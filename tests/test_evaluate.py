@@ -32,20 +32,10 @@ datasets.disable_progress_bars()
 
 
 @pytest.fixture(scope="module")
-def v2_saved_dir(tmp_path_factory):
-    """A tiny random MiniGPT-v2 folder (variant "v2": task identifiers, grounding)."""
-    model, processor = build_random_model("tiny", variant="v2")
-    folder = tmp_path_factory.mktemp("tiny_v2")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def v2_processor(v2_saved_dir):
+def v2_processor(tiny_v2_saved_dir):
     from processing_minigpt4 import MiniGPT4Processor
 
-    return MiniGPT4Processor.from_pretrained(v2_saved_dir)
+    return MiniGPT4Processor.from_pretrained(tiny_v2_saved_dir)
 
 
 def images(count: int) -> list[Image.Image]:
@@ -185,11 +175,11 @@ def test_a_v1_model_answers_vqa_tasks_and_writes_predictions_and_a_summary(tiny_
     assert hm["settings"]["max_new_tokens"] == 3 and hm["settings"]["decoding"] == "greedy"
 
 
-def test_a_v2_model_scores_refcoco_from_a_jsonl_layout_with_a_column_mapping(v2_saved_dir, tmp_path):
+def test_a_v2_model_scores_refcoco_from_a_jsonl_layout_with_a_column_mapping(tiny_v2_saved_dir, tmp_path):
     data = jsonl_dataset(tmp_path / "refs")
     out = tmp_path / "out"
 
-    status = run(v2_saved_dir, out, "--suite", "minigpt-v2", "--tasks", "refcoco,vsr,vizwiz", "--data",
+    status = run(tiny_v2_saved_dir, out, "--suite", "minigpt-v2", "--tasks", "refcoco,vsr,vizwiz", "--data",
                  f"refcoco={data}", "--data", f"vsr={data}", "--data", f"vizwiz={data}", "--column", "image=file",
                  "--column", "refcoco.expression=sentence", "--box-format", "xyxy")
 
@@ -425,7 +415,7 @@ metric_list:
 }
 
 
-def test_lmms_eval_runs_a_local_task_definition_and_keeps_its_result_files(v2_saved_dir, tmp_path):
+def test_lmms_eval_runs_a_local_task_definition_and_keeps_its_result_files(tiny_v2_saved_dir, tmp_path):
     pytest.importorskip("lmms_eval")
     data = tmp_path / "data"
     datasets.DatasetDict({"test": datasets.load_from_disk(str(saved_dataset(tmp_path / "flat", rows=2)))}) \
@@ -436,8 +426,9 @@ def test_lmms_eval_runs_a_local_task_definition_and_keeps_its_result_files(v2_sa
         (tasks / name).write_text(text.replace("{data}", str(data)), encoding="utf-8")
     out = tmp_path / "out"
 
-    status = evaluate.main(["--model", str(v2_saved_dir), "--suite", "lmms-eval", "--tasks", "tiny_vqa,tiny_choice",
-                            "--include-path", str(tasks), "--output-dir", str(out), "--batch-size", "2"])
+    status = evaluate.main(["--model", str(tiny_v2_saved_dir), "--suite", "lmms-eval",
+                            "--tasks", "tiny_vqa,tiny_choice", "--include-path", str(tasks), "--output-dir", str(out),
+                            "--batch-size", "2"])
 
     assert status == 0
     files = sorted(path.name.split("_", 2)[-1] for path in (out / "lmms-eval").rglob("*.json*"))
