@@ -22,6 +22,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 from minigpt4_hf.random_models import EXAMPLE_IMAGE, build_random_model  # noqa: E402
 
 
+def saved_folder(tmp_path_factory, name: str, model, processor) -> Path:
+    """A new temporary folder `name*` holding `model` and `processor` as `save_pretrained` writes them."""
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny():
     """A fresh tiny random `(model, processor)` (sizes of tests/fixtures/original_tiny), safe to modify."""
@@ -37,21 +45,13 @@ def tiny_shared():
 @pytest.fixture(scope="session")
 def tiny_saved_dir(tmp_path_factory, tiny_shared):
     """A folder holding the shared tiny model and processor as `save_pretrained` writes them."""
-    model, processor = tiny_shared
-    folder = tmp_path_factory.mktemp("tiny_minigpt4")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return saved_folder(tmp_path_factory, "tiny_minigpt4", *tiny_shared)
 
 
 @pytest.fixture(scope="session")
 def tiny_v2_saved_dir(tmp_path_factory):
     """A tiny random MiniGPT-v2 (task identifiers, grounding) saved with `save_pretrained`: do not modify it."""
-    model, processor = build_random_model("tiny", variant="v2")
-    folder = tmp_path_factory.mktemp("tiny_v2")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return saved_folder(tmp_path_factory, "tiny_v2", *build_random_model("tiny", variant="v2"))
 
 
 def redraw_vision_side_weights(model, seed: int = 0) -> None:
@@ -80,11 +80,7 @@ def tiny_seeing():
 @pytest.fixture(scope="session")
 def tiny_seeing_dir(tmp_path_factory, tiny_seeing):
     """`tiny_seeing` saved with `save_pretrained`."""
-    model, processor = tiny_seeing
-    folder = tmp_path_factory.mktemp("tiny_seeing_minigpt4")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return saved_folder(tmp_path_factory, "tiny_seeing_minigpt4", *tiny_seeing)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForImageTextToText
 
+from conftest import saved_folder
 from modeling_minigpt4 import MiniGPT4ForConditionalGeneration, MiniGPT4Model
 
 
@@ -349,9 +350,7 @@ def in_the_earlier_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 @pytest.fixture(scope="module")
 def earlier_layout_dir(tiny_shared, tmp_path_factory):
     model, processor = tiny_shared
-    folder = tmp_path_factory.mktemp("earlier_layout")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    folder = saved_folder(tmp_path_factory, "earlier_layout", model, processor)
     safetensors.torch.save_file(in_the_earlier_layout(model.state_dict()), str(folder / "model.safetensors"),
                                 metadata={"format": "pt"})
     return folder

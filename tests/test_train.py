@@ -18,7 +18,7 @@ import safetensors
 import safetensors.torch
 import torch
 import minigpt4_hf.cli.train as train
-from conftest import ORIGINAL_TINY, REPO_ROOT
+from conftest import ORIGINAL_TINY, REPO_ROOT, saved_folder
 from minigpt4_hf.inference import load_model_and_processor
 from minigpt4_hf.inputs import InputError, check_model_path
 from minigpt4_hf.random_models import build_random_model
@@ -106,10 +106,7 @@ def model_dir(tmp_path_factory) -> Path:
         for parameter in [*model.language_model.parameters(), *model.lm_head.parameters()]:
             if parameter.ndim >= 2:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    folder = tmp_path_factory.mktemp("sharp_tiny_minigpt4")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return saved_folder(tmp_path_factory, "sharp_tiny_minigpt4", model, processor)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import torch
 from transformers import AttentionInterface, AutoConfig, AutoModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from conftest import saved_folder
 from modeling_minigpt4 import MiniGPT4ForConditionalGeneration, MiniGPT4Model
 
 
@@ -34,11 +35,7 @@ def vllm_config(folder):
 @pytest.fixture(scope="module")
 def served_dir(tiny_shared, tmp_path_factory):
     """A folder of its own: transformers keeps the class an Auto class gave for a folder's config for the process."""
-    model, processor = tiny_shared
-    folder = tmp_path_factory.mktemp("served_by_vllm")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return saved_folder(tmp_path_factory, "served_by_vllm", *tiny_shared)
 
 
 @pytest.fixture(scope="module")
